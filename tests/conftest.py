@@ -1,0 +1,39 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The pretrained MiniLM encoder (ours), in eval mode."""
+    from minipeft.backbones.encoder import Encoder
+
+    return Encoder.from_pretrained()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from minipeft.tasks import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def sentences():
+    """Real review snippets of different lengths (padding is exercised)."""
+    from minipeft.tasks import load_task
+
+    return list(load_task("sentiment", max_eval=8)["test"]["text"])
+
+
+@pytest.fixture
+def bert_base_sized():
+    """A randomly initialised BERT-base-sized encoder (d=768, L=12, FFN 3072): for parameter counts."""
+    from minipeft.backbones.encoder import Encoder, EncoderConfig
+
+    torch.manual_seed(0)
+    return Encoder(EncoderConfig())
