@@ -1,0 +1,111 @@
+"""The bottleneck adapter (Houlsby et al. 2019) and its one-per-layer variant (Pfeiffer et al. 2021).
+
+    A(h) = h + W_up f(W_down h + b_down) + b_up          Houlsby et al. 2019, §2.1, Fig. 2
+
+The site adds the residual: the module returns Δh = W_up f(W_down u + b_down) + b_up, where u is
+    houlsby   u = h at both sites (attention and FFN):            out = LN(x + A(h))
+    ffn       u = h at the FFN site only (one Houlsby adapter)
+    pfeiffer  u = LN(x + h) at the FFN site, the same pretrained LN used again:
+              out = LN(x + h + A'(LN(x + h)))                     Pfeiffer et al. 2021, §3 (AdapterHub seq_bn)
+    modules   u = the output of each module matching ``targets``, on any nn.Module (generic)
+Parameters per adapter: W_down m·d + b_down m + W_up d·m + b_up d = 2md + d + m.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..api import AdapterConfig, AdapterModule, add_output_delta, find_encoder, match_modules, register_method
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu, "tanh": torch.tanh}
+PLACEMENTS = ("houlsby", "pfeiffer", "ffn", "modules")
+INITS = ("near_identity", "identity")
+
+
+@register_method
+@dataclass
+class BottleneckConfig(AdapterConfig):
+    """``bottleneck`` m, or ``reduction_factor`` (m = d / factor). ``init``: near_identity draws W_down, W_up
+    from a normal with std ``init_std`` truncated at 2σ (Houlsby §3.6), biases 0; identity also zeroes W_up."""
+
+    method = "bottleneck"
+    placement: str = "houlsby"
+    bottleneck: int | None = 64
+    reduction_factor: int | None = None
+    activation: str = "relu"
+    init: str = "near_identity"
+    init_std: float = 1e-2
+    targets: list[str] | None = None  # placement="modules" only: module names/regexes on any nn.Module
+    hidden_size: int | None = None  # placement="modules" only: width of the targets' output
+
+    def __post_init__(self):
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {self.placement!r}; allowed: {PLACEMENTS}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; allowed: {sorted(ACTIVATIONS)}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; allowed: {INITS}")
+        if (self.bottleneck is None) == (self.reduction_factor is None):
+            raise ValueError("give exactly one of bottleneck (m) or reduction_factor (m = d / factor)")
+        for key in ("bottleneck", "reduction_factor"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if not self.init_std > 0:
+            raise ValueError(f"init_std must be > 0, got {self.init_std}")
+        if (self.placement == "modules") != (self.targets is not None):
+            raise ValueError("targets=[...] is required with placement='modules' and only allowed there")
+
+    def size(self, d: int) -> int:
+        if self.bottleneck is not None:
+            return self.bottleneck
+        if d % self.reduction_factor:
+            raise ValueError(f"reduction_factor {self.reduction_factor} does not divide hidden size {d}")
+        return d // self.reduction_factor
+
+    def attach(self, model: nn.Module, name: str) -> None:
+        if self.placement == "modules":
+            for module in match_modules(model, self.targets).values():
+                d = self.hidden_size or getattr(module, "out_features", None)
+                if d is None:
+                    raise ValueError(f"cannot infer the output width of {type(module).__name__}; pass hidden_size")
+                add_output_delta(module, name, Bottleneck(name, d, self.size(d), self, reads="h"))
+            return
+        encoder = find_encoder(model)
+        d = encoder.hidden_size
+        for layer in encoder.layers:
+            sites = [layer.attn, layer.ffn] if self.placement == "houlsby" else [layer.ffn]
+            for site in sites:
+                reads = "ln(x+h)" if self.placement == "pfeiffer" else "h"
+                site.deltas[name] = Bottleneck(name, d, self.size(d), self, reads)
+
+
+class Bottleneck(AdapterModule):
+    """Δh = W_up f(W_down u + b_down) + b_up, u = h or LN(x + h) (see the module docstring)."""
+
+    def __init__(self, adapter_name: str, d: int, m: int, config: BottleneckConfig, reads: str = "h"):
+        super().__init__(adapter_name)
+        self.reads, self.act = reads, ACTIVATIONS[config.activation]
+        self.down, self.up = nn.Linear(d, m), nn.Linear(m, d)
+        for linear in (self.down, self.up):
+            nn.init.trunc_normal_(linear.weight, std=config.init_std, a=-2 * config.init_std, b=2 * config.init_std)
+            nn.init.zeros_(linear.bias)
+        if config.init == "identity":
+            nn.init.zeros_(self.up.weight)
+
+    def forward(self, x, h, norm):
+        u = norm(x + h) if self.reads == "ln(x+h)" else h  # (B, T, d)
+        return self.up(self.act(self.down(u)))  # (B, T, d)
+
+
+def houlsby_count(d: int, L: int, m: int) -> int:
+    """Two adapters per layer, each 2md + d + m: 2L(2md + d + m) (Houlsby et al. 2019, §3.1)."""
+    return 2 * L * (2 * m * d + d + m)
+
+
+def pfeiffer_count(d: int, L: int, m: int) -> int:
+    """One adapter per layer: L(2md + d + m) (Pfeiffer et al. 2021)."""
+    return L * (2 * m * d + d + m)
