@@ -1,21 +1,24 @@
-"""python -m minipeft compare: the course's main job."""
-import argparse
+"""python -m minipeft <command>: the package's command line.
 
-from .backbones.encoder import Encoder
-from .tasks import TASKS, load_task
+    python -m minipeft compare [--task T] [--seeds S ...] [--fast] [--methods M ...] [--out DIR]
+"""
+import sys
+
+COMMANDS = {"compare": "train the registered methods on one task and write results/ (see minipeft.compare)"}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m minipeft")
-    sub = parser.add_subparsers(dest="command", required=True)
-    compare = sub.add_parser("compare", help="train the registered methods on one task and compare them")
-    compare.add_argument("--task", default="sentiment", choices=sorted(TASKS))
-    args = parser.parse_args(argv)
-    encoder = Encoder.from_pretrained()
-    print(encoder.describe())
-    dd = load_task(args.task)
-    print(f"task {args.task}: {TASKS[args.task].description}; "
-          + ", ".join(f"{split} {len(ds)}" for split, ds in dd.items()))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        usage = "usage: python -m minipeft <command> [options]\n\ncommands:\n" + "".join(
+            f"  {name:10s} {text}\n" for name, text in COMMANDS.items())
+        if argv and argv[0] not in ("-h", "--help"):
+            sys.exit(f"unknown command {argv[0]!r}; allowed: {sorted(COMMANDS)}\n\n{usage}")
+        print(usage)
+        return
+    from .compare import main as compare_main
+
+    compare_main(argv[1:])
 
 
 if __name__ == "__main__":

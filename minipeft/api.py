@@ -211,10 +211,13 @@ def parameter_summary(model: nn.Module, name: str) -> ParameterSummary:
     in_head = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
     backbone = sum(p.numel() for p in model.parameters() if id(p) not in in_adapters | in_head)
     per_layer: dict[str, int] = {}
+    seen: set[int] = set()  # a parameter shared by several modules (Compacter's A_i) counts once, where first met
     for path, module in modules.items():
         layer = re.search(r"layers\.(\d+)\.", path)
         key = f"layer {layer.group(1)}" if layer else path.rsplit(".", 1)[0] or path
-        per_layer[key] = per_layer.get(key, 0) + sum(p.numel() for p in module.parameters())
+        fresh = [p for p in module.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in fresh)
+        per_layer[key] = per_layer.get(key, 0) + sum(p.numel() for p in fresh)
     return ParameterSummary(
         name=name, backbone=backbone, adapter=sum(per_layer.values()),
         stored=sum(m.stored_parameter_count() for m in modules.values()),
@@ -240,9 +243,14 @@ def _backbone_identity(model: nn.Module) -> dict:
 
 
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    root = _root(model)
-    return {f"{path}.{key}": t for path, module in adapter_modules(root, name).items()
-            for key, t in module.state_dict().items()}
+    """Path -> tensor of adapter ``name``; a tensor shared by several modules is kept once (first path)."""
+    state, seen = {}, set()
+    for path, module in adapter_modules(_root(model), name).items():
+        for key, tensor in module.state_dict(keep_vars=True).items():
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                state[f"{path}.{key}"] = tensor.detach()
+    return state
 
 
 def adapter_config(model: nn.Module, name: str) -> AdapterConfig:
