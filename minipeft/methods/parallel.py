@@ -1,0 +1,140 @@
+"""The parallel adapter and the scaled parallel adapter (He et al. 2022, "Towards a Unified View of
+Parameter-Efficient Transfer Learning", Table 1 and §3-§4.1).
+
+A sequential adapter (Houlsby, Pfeiffer) rewrites a sublayer's *output*: h ← h + A(h). The parallel adapter
+computes its change from the sublayer's *input* x, side by side with the sublayer:
+
+    h ← h + s · A(x),   A(x) = W_up f(W_down x + b_down) + b_up          He et al. 2022, Table 1 ("PA"), Eq. 6-8
+
+x is the sublayer's input, h its output before residual + LayerNorm, so the site computes out = LN(x + h + s·A(x)).
+s = 1 is the plain parallel adapter (PA); s = 4 the paper's scaled PA (§4.1, Table 5: s=4 > s=1); ``"learned"``
+makes s one trainable scalar per adapter module, initialised to ``scale_init`` (1, as in He et al.'s code).
+The scale multiplies b_up too, as in the authors' code (``up = up_proj(relu(down_proj(x))) * scale``).
+Initialisation as in He et al. ("lora" init): W_down Kaiming-uniform (a=√5, nn.Linear's default), W_up = 0,
+both biases 0, so the model starts as exactly the base model; no adapter LayerNorm, no adapter dropout.
+
+Placements: ``ffn`` (default; the paper's best single placement, §4.3), ``attn``, ``both`` (sites of minipeft's
+Encoder), or ``modules``: any nn.Module matching ``targets`` (generic), x = the module's first input and Δh added
+to its output (e.g. a Llama ``mlp`` block, whose input and output are exactly the FFN sublayer's x and h).
+
+Parameters per adapter: W_down r·d + b_down r + W_up d·r + b_up d (+ 1 learned s) = 2rd + r + d (+1);
+on L layers at one site: L(2rd + r + d).  BERT-base, r = 512 on the FFN: 9,452,544.
+A parallel adapter is nonlinear, so unlike LoRA it cannot be merged into the frozen weights.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..api import AdapterConfig, AdapterModule, add_output_delta, find_encoder, match_modules, register_method
+from .bottleneck import ACTIVATIONS
+
+PLACEMENTS = ("ffn", "attn", "both", "modules")
+
+
+@register_method
+@dataclass
+class ParallelAdapterConfig(AdapterConfig):
+    """``r`` bottleneck size; ``scale`` a number s > 0 or ``"learned"``; ``scale_init`` the learned s's start."""
+
+    method = "parallel"
+    r: int = 64
+    placement: str = "ffn"
+    scale: float | str = 1.0
+    scale_init: float = 1.0  # scale="learned" only
+    activation: str = "relu"
+    targets: list[str] | None = None  # placement="modules" only: module names/regexes on any nn.Module
+    hidden_size: int | None = None  # placement="modules" only, when the width cannot be inferred
+
+    def __post_init__(self):
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {self.placement!r}; allowed: {PLACEMENTS}")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"r (the bottleneck size) must be a positive integer, got {self.r!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; allowed: {sorted(ACTIVATIONS)}")
+        if isinstance(self.scale, str):
+            if self.scale != "learned":
+                raise ValueError(f"scale must be a positive number or 'learned', got {self.scale!r}")
+        elif isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not (
+                math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"scale must be a positive number or 'learned', got {self.scale!r}")
+        if not (isinstance(self.scale_init, (int, float)) and math.isfinite(self.scale_init) and self.scale_init > 0):
+            raise ValueError(f"scale_init must be a positive number, got {self.scale_init!r}")
+        if (self.placement == "modules") != (self.targets is not None):
+            raise ValueError("targets=[...] is required with placement='modules' and only allowed there")
+
+    @property
+    def learned(self) -> bool:
+        return self.scale == "learned"
+
+    def attach(self, model: nn.Module, name: str) -> None:
+        if self.placement == "modules":
+            for module in match_modules(model, self.targets).values():
+                d_in, d_out = module_widths(module, self.hidden_size)
+                add_output_delta(module, name, ParallelAdapter(name, d_in, self.r, self, d_out))
+            return
+        encoder = find_encoder(model)
+        for layer in encoder.layers:
+            sites = {"ffn": [layer.ffn], "attn": [layer.attn], "both": [layer.attn, layer.ffn]}[self.placement]
+            for site in sites:
+                site.deltas[name] = ParallelAdapter(name, encoder.hidden_size, self.r, self)
+
+
+@register_method
+@dataclass
+class ScaledParallelAdapterConfig(ParallelAdapterConfig):
+    """The scaled parallel adapter: the same module with s = 4 by default (He et al. 2022, §4.1, Table 5)."""
+
+    method = "scaled_parallel"
+    scale: float | str = 4.0
+
+
+def module_widths(module: nn.Module, hidden_size: int | None = None) -> tuple[int, int]:
+    """(input width, output width) of a target: a Linear's in/out features, else the first Linear's input and
+    the last Linear's output inside it (an MLP block), else ``hidden_size`` for both."""
+    if hidden_size is not None:
+        return hidden_size, hidden_size
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"cannot infer the input/output width of {type(module).__name__}; pass hidden_size")
+    return linears[0].in_features, linears[-1].out_features
+
+
+class ParallelAdapter(AdapterModule):
+    """Δh = s · (W_up f(W_down x + b_down) + b_up), read from the sublayer input x (never from h)."""
+
+    def __init__(self, adapter_name: str, d: int, r: int, config: ParallelAdapterConfig, d_out: int | None = None):
+        super().__init__(adapter_name)
+        self.act = ACTIVATIONS[config.activation]
+        self.down, self.up = nn.Linear(d, r), nn.Linear(r, d_out or d)
+        with torch.no_grad():  # He et al.'s "lora" init: the adapter starts as Δh = 0
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+            for t in (self.down.bias, self.up.weight, self.up.bias):
+                nn.init.zeros_(t)
+        if config.learned:
+            self.scale = nn.Parameter(torch.tensor(float(config.scale_init)))
+        else:
+            self.register_buffer("scale", torch.tensor(float(config.scale)), persistent=False)
+
+    def forward(self, x, h, norm):
+        # Δh = s · A(x): x the sublayer input (B, T, d); h and norm are not used (He et al. 2022, Table 1)
+        return self.scale * self.up(self.act(self.down(x)))  # (B, T, d)
+
+
+def parallel_count(d: int, L: int, r: int, sites: int = 1, learned: bool = False) -> int:
+    """L·sites adapters of 2rd + r + d (+1 learned scale) each: L(2rd + r + d) at one site (He et al. 2022)."""
+    return sites * L * (2 * r * d + r + d + int(learned))
+
+
+def rank_for_budget(d: int, L: int, budget: int, sites: int = 1) -> int:
+    """The largest r whose parallel adapter has at most ``budget`` parameters (for "≤ x% of the backbone")."""
+    r = (budget / (sites * L) - d) // (2 * d + 1)
+    if r < 1:
+        raise ValueError(f"a budget of {budget:,} parameters does not fit even r=1 (needs {parallel_count(d, L, 1, sites):,})")
+    return int(r)
