@@ -9,8 +9,8 @@ from torch import nn
 from minipeft import add_adapter, adapter_names, load_adapter, parameter_summary, save_adapter, train_adapter
 from minipeft.api import METHODS
 from minipeft.methods.bottleneck import pfeiffer_count
-from minipeft.methods.parallel import (ParallelAdapterConfig, ScaledParallelAdapterConfig, parallel_count,
-                                       rank_for_budget)
+from minipeft.methods.parallel import (FusedParallelFFN, ParallelAdapterConfig, ScaledParallelAdapterConfig,
+                                       fuse_parallel_ffn, parallel_count, rank_for_budget)
 
 
 @pytest.fixture
@@ -178,6 +178,29 @@ def test_save_load_reproduces_bit_for_bit(model, minilm, batch, tmp_path, config
 def test_registered_methods():
     assert METHODS["parallel"] is ParallelAdapterConfig and METHODS["scaled_parallel"] is ScaledParallelAdapterConfig
     assert ScaledParallelAdapterConfig().scale == 4.0 and ParallelAdapterConfig().scale == 1.0
+
+
+@pytest.mark.parametrize("scale", [4.0, "learned"])
+def test_fused_ffn_equals_the_adapted_model(model, batch, scale):
+    """Folding the adapter into the FFN's GEMMs (width f + r) changes nothing but the speed."""
+    add_adapter(model, ParallelAdapterConfig(r=16, scale=scale, scale_init=2.0), "a")
+    randomise(model, "a")
+    expected = run(model, batch)
+    fuse_parallel_ffn(model, "a")
+    assert all(isinstance(layer.ffn, FusedParallelFFN) for layer in model.layers)
+    assert model.layers[0].ffn.w_in.shape == (1536 + 16, 384)
+    assert (run(model, batch) - expected).abs().max() < 1e-5
+    with pytest.raises(RuntimeError, match="inference only"):
+        model.train()(batch["input_ids"])
+
+
+def test_fuse_refuses_what_it_cannot_fuse(model):
+    with pytest.raises(ValueError, match="no parallel adapter named 'a'"):
+        fuse_parallel_ffn(model, "a")
+    add_adapter(model, ParallelAdapterConfig(r=4), "a")
+    add_adapter(model, ParallelAdapterConfig(r=4), "b")
+    with pytest.raises(ValueError, match=r"also has active modules \['b'\]"):
+        fuse_parallel_ffn(model, "a")
 
 
 # ---- generic placement on any module ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..api import AdapterConfig, AdapterModule, add_output_delta, find_encoder, match_modules, register_method
@@ -136,5 +137,55 @@ def rank_for_budget(d: int, L: int, budget: int, sites: int = 1) -> int:
     """The largest r whose parallel adapter has at most ``budget`` parameters (for "≤ x% of the backbone")."""
     r = (budget / (sites * L) - d) // (2 * d + 1)
     if r < 1:
-        raise ValueError(f"a budget of {budget:,} parameters does not fit even r=1 (needs {parallel_count(d, L, 1, sites):,})")
+        raise ValueError(f"a budget of {budget:,} parameters does not fit even r=1 "
+                         f"(needs {parallel_count(d, L, 1, sites):,})")
     return int(r)
+
+
+# ---- inference: fold the FFN's parallel adapter into the FFN's own two matmuls ------------------------------
+
+class FusedParallelFFN(nn.Module):
+    """Inference-only FFN site with its parallel adapter folded in: because A reads x, not h, both of its
+    matmuls can share the FFN's GEMMs (a sequential adapter cannot: W_down needs h first)
+
+        z = x [W_in; W_down]ᵀ + [b_in; b_down]                     (B, T, f + r): one GEMM instead of two
+        h + s·A(x) = [act(z_f), relu(z_r)] [W_out, s·W_up]ᵀ + b_out + s·b_up      (B, T, d): one GEMM
+
+    so the adapted model is a base model whose FFN is r units wider (same FLOPs, no extra kernels)."""
+
+    def __init__(self, ffn: nn.Module, adapter: ParallelAdapter):
+        super().__init__()
+        s = adapter.scale.detach()
+        self.f, self.norm, self.act, self.adapter_act = ffn.ffn_in.out_features, ffn.norm, ffn.act, adapter.act
+        with torch.no_grad():
+            self.register_buffer("w_in", torch.cat([ffn.ffn_in.weight, adapter.down.weight]))  # (f + r, d)
+            self.register_buffer("b_in", torch.cat([ffn.ffn_in.bias, adapter.down.bias]))
+            self.register_buffer("w_out", torch.cat([ffn.ffn_out.weight, s * adapter.up.weight], dim=1))  # (d, f + r)
+            self.register_buffer("b_out", ffn.ffn_out.bias + s * adapter.up.bias)
+
+    def forward(self, x):
+        if self.training:
+            raise RuntimeError("FusedParallelFFN is for inference only (it has no dropout): call model.eval()")
+        z = F.linear(x, self.w_in, self.b_in)  # (B, T, f + r)
+        a = self.act(z)
+        a[..., self.f:] = self.adapter_act(z[..., self.f:])  # the adapter's units use its own activation
+        return self.norm(x + F.linear(a, self.w_out, self.b_out))  # (B, T, d)
+
+
+def fuse_parallel_ffn(model: nn.Module, name: str) -> nn.Module:
+    """Replace, in place, every FFN site holding parallel adapter ``name`` (and no other active module) by a
+    ``FusedParallelFFN`` with the same output. For latency measurements and serving; not reversible."""
+    encoder = find_encoder(model)
+    fused = 0
+    for layer in encoder.layers:
+        adapter = layer.ffn.deltas[name] if name in layer.ffn.deltas else None
+        if not isinstance(adapter, ParallelAdapter):
+            continue
+        others = [k for k, m in layer.ffn.deltas.items() if k != name and m.active]
+        if others:
+            raise ValueError(f"cannot fuse {name!r}: the FFN site also has active modules {others}")
+        layer.ffn = FusedParallelFFN(layer.ffn, adapter).train(layer.ffn.training)
+        fused += 1
+    if not fused:
+        raise ValueError(f"no parallel adapter named {name!r} on an FFN site to fuse")
+    return model
