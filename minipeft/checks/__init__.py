@@ -1,0 +1,40 @@
+"""Checks for the course's exercises: one module per lesson (``lesson00``, ``lesson01``, ...).
+
+A check takes the learner's function or module, runs it on fixed inputs against the package's reference,
+and either prints one success line (``passed``) or raises ``AssertionError`` saying what is wrong and where
+to look. A lesson's checks are named ``check_<what>``; add yours in ``minipeft/checks/lessonNN.py`` and
+import them in the notebook as ``from minipeft.checks.lessonNN import check_...``.
+"""
+from __future__ import annotations
+
+
+def passed(name: str, detail: str) -> None:
+    """The success line every check prints."""
+    print(f"✔ {name}: {detail}")
+
+
+def fail(name: str, message: str):
+    raise AssertionError(f"✘ {name}: {message}")
+
+
+def explain(got: int, expected: int, terms: dict[str, int]) -> str:
+    """Name the term that explains ``got - expected`` (one missing or extra term), if any does."""
+    diff = got - expected
+    for what, n in terms.items():
+        if n and diff == -n:
+            return f" The difference ({diff:+,}) is exactly {what}: did you leave it out?"
+        if n and diff == n:
+            return f" The difference ({diff:+,}) is exactly {what}: it should not be there."
+    return ""
+
+
+def call(name: str, fn, *args, **kwargs):
+    """Call the learner's function; NotImplementedError passes through, other errors are explained."""
+    if not callable(fn):
+        fail(name, f"expected a function, got {type(fn).__name__}")
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- the learner's code may raise anything
+        fail(name, f"calling it raised {type(e).__name__}: {e}")

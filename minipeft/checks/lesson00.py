@@ -1,0 +1,111 @@
+"""Lesson 00 checks: counting parameters, the encoder's closed-form size, the memory of training.
+
+References: ``minipeft.train.count_parameters``, ``Encoder`` built on the meta device (``numel``),
+``minipeft.train.training_state_bytes``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..backbones.encoder import Encoder, EncoderConfig
+from ..train import count_parameters, training_state_bytes
+from . import call, explain, fail, passed
+
+MINILM = EncoderConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536, name="MiniLM-L6")
+BERT_BASE = EncoderConfig(name="BERT-base")
+TINY = EncoderConfig(vocab_size=100, hidden_size=16, num_layers=3, num_heads=2, intermediate_size=40,
+                     max_position=24, type_vocab_size=1, name="tiny")
+
+
+class _Tied(nn.Module):
+    """An embedding and an output layer sharing one weight (like a language-model head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.out = nn.Linear(4, 10)
+        self.out.weight = self.embed.weight
+
+
+def _modules():
+    torch.manual_seed(0)
+    frozen = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
+    frozen[0].requires_grad_(False)
+    encoder = Encoder(TINY)
+    encoder.embed.requires_grad_(False)
+    return {"Linear(3, 4)": nn.Linear(3, 4), "Linear(5,6) frozen + BatchNorm1d(6) + Linear(6,2)": frozen,
+            "tied embedding/output": _Tied(), "tiny Encoder, embeddings frozen": encoder}
+
+
+def check_count_parameters(fn) -> None:
+    """``fn(module, trainable_only=False) -> int``: parameter elements; shared tensors once; no buffers."""
+    name = "count_parameters"
+    for label, m in _modules().items():
+        for trainable_only in (False, True):
+            got = call(name, fn, m, trainable_only=trainable_only)
+            want = count_parameters(m, trainable_only)
+            if isinstance(got, torch.Tensor):
+                got = got.item()
+            if not isinstance(got, int) or isinstance(got, bool):
+                fail(name, f"should return an int, got {type(got).__name__} for {label}")
+            if got == want:
+                continue
+            tensors = sum(1 for p in m.parameters() if p.requires_grad or not trainable_only)
+            hint = {tensors: "that is the number of parameter *tensors*: add up p.numel() instead.",
+                    count_parameters(m): "that counts frozen parameters too: with trainable_only=True keep only "
+                                         "those with p.requires_grad.",
+                    sum(t.numel() for t in m.state_dict().values()): "that includes buffers (BatchNorm's running "
+                    "statistics) or counts a shared weight twice: iterate over module.parameters(), not "
+                    "state_dict()."}.get(got, "compare with sum(p.numel() for p in module.parameters()).")
+            fail(name, f"returned {got:,} for {label} (trainable_only={trainable_only}), expected {want:,}: {hint}")
+    passed(name, f"correct on {len(_modules())} modules (frozen parts, a buffer, a tied weight), both modes")
+
+
+def encoder_terms(c: EncoderConfig) -> dict[str, int]:
+    """The formula's parts, to name the one a wrong answer is missing (Devlin et al. 2019; our Encoder)."""
+    d, f, L = c.hidden_size, c.intermediate_size, c.num_layers
+    return {"the position embeddings (max_position·d)": c.max_position * d,
+            "the token-type embeddings (type_vocab_size·d)": c.type_vocab_size * d,
+            "the word embeddings (vocab_size·d)": c.vocab_size * d,
+            "the LayerNorms' gains and biases (2d each: 1 after the embeddings + 2 per layer)": 2 * d * (1 + 2 * L),
+            "the biases of the linear layers (L·(4d + f + d))": L * (4 * d + f + d),
+            "the attention's four d×d projections (L·4d²)": L * 4 * d * d,
+            "the FFN's two matrices (L·2df)": L * 2 * d * f,
+            "a pooler (d² + d), which minipeft's Encoder does not have": -(d * d + d)}
+
+
+def check_encoder_formula(fn) -> None:
+    """``fn(cfg: EncoderConfig) -> int``: the encoder's parameter count in closed form."""
+    name = "encoder_parameters"
+    for cfg in (TINY, MINILM, BERT_BASE):
+        with torch.device("meta"):
+            want = count_parameters(Encoder(cfg))
+        got = call(name, fn, cfg)
+        if got != want:
+            shape = (f"V={cfg.vocab_size}, P={cfg.max_position}, T={cfg.type_vocab_size}, d={cfg.hidden_size}, "
+                     f"L={cfg.num_layers}, f={cfg.intermediate_size}")
+            fail(name, f"gave {got!r} for {cfg.name} ({shape}); numel says {want:,}."
+                 + (explain(got, want, encoder_terms(cfg)) if isinstance(got, int) else " Return an int."))
+    passed(name, "the formula matches numel for a tiny encoder, MiniLM-L6 (22,565,376) and BERT-base (108,891,648)")
+
+
+def check_training_memory(fn) -> None:
+    """``fn(total_params, trainable_params, bytes_per_value=4) -> int``: weights + grads + AdamW m and v, bytes."""
+    name = "training_memory_bytes"
+    cases = [(22_566_146, 22_566_146, 4), (22_566_146, 770, 4), (1000, 0, 4), (5000, 1000, 2)]
+    for n, t, b in cases:
+        got = call(name, fn, n, t, bytes_per_value=b)
+        want = training_state_bytes(n, t, b)
+        if got == want:
+            continue
+        hint = {b * (n + 2 * t): "each trainable parameter needs a gradient *and* AdamW's two moments (m, v): "
+                                 "3 extra values, you have 2.",
+                b * (n + t): "AdamW keeps two moment estimates (m and v) per trainable parameter.",
+                b * 4 * n: "frozen parameters have no gradient and no optimiser state: only trainable ones do.",
+                4 * (n + 3 * t): "use bytes_per_value (2 for fp16/bf16), not a fixed 4.",
+                n + 3 * t: "that is a number of values; multiply by bytes_per_value to get bytes.",
+                b * 3 * t: "the weights themselves (all of them, frozen too) must be in memory as well."}
+        fail(name, f"gave {got!r} for total={n:,}, trainable={t:,}, bytes_per_value={b}; expected {want:,}. "
+             + hint.get(got, "bytes = b·(N_total + 3·N_trainable)."))
+    passed(name, f"correct on {len(cases)} cases (full FT, head only, nothing trained, 2-byte values)")

@@ -1,0 +1,56 @@
+"""Execute notebooks in place with nbclient (kernel python3, working directory = the notebook's folder).
+
+    python -m minipeft.notebook_runner run notebooks/00_setup_and_baselines.ipynb [more.ipynb ...]
+
+This is how the committed notebooks get their outputs (a full, not fast, run: unset MINIPEFT_FAST).
+The kernel inherits this process's environment.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def execute(path, timeout: int = 3600, write: bool = True, kernel: str = "python3"):
+    """Run every cell of ``path`` top to bottom; write the outputs back when ``write``; return the notebook.
+
+    A failing cell raises ``nbclient.exceptions.CellExecutionError`` (nothing is written then); the partly
+    executed notebook is on the exception as ``.notebook``.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    path = Path(path)
+    if path.suffix != ".ipynb" or not path.is_file():
+        raise FileNotFoundError(f"{path} is not a notebook file (.ipynb)")
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name=kernel,
+                            resources={"metadata": {"path": str(path.parent.resolve())}})
+    try:
+        client.execute()
+    except CellExecutionError as e:
+        e.notebook = nb
+        raise
+    if write:
+        nbformat.write(nb, path)
+    return nb
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m minipeft.notebook_runner")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute notebooks in place")
+    run.add_argument("paths", nargs="+")
+    run.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    args = p.parse_args(argv)
+    for path in args.paths:
+        t = time.perf_counter()
+        execute(path, timeout=args.timeout)
+        print(f"ran {path} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""Training: a sequence-classification head on the encoder, a budget, and one small, seeded loop.
+
+    model = SequenceClassifier(Encoder.from_pretrained(), num_labels=2)   # masked mean pooling + Linear
+    result = train(model, "sentiment", lr=1e-4, budget=Budget.from_env(), method="full")
+
+The loop: AdamW (Loshchilov & Hutter 2019) on the parameters with ``requires_grad`` only, learning rate
+warmed up linearly over ``warmup_ratio`` of the steps then decayed linearly to 0 (as in BERT, Devlin et al.
+2019), gradient-norm clipping, validation accuracy after each epoch, test accuracy at the end. Same seed,
+same numbers (on the same machine and thread count).
+
+Budgets (``Budget.lesson()``, measured on 2 CPU threads, MiniLM, batch 32 x <=64 tokens): 2,000 training
+examples, 2 epochs = 126 steps; a frozen-encoder step ~0.4 s, a full fine-tuning step ~1 s, so one run takes
+1-3 minutes. ``MINIPEFT_FAST=1`` selects ``Budget.fast()`` (tiny data, same code paths) for CI.
+Learning rates of the baselines: full fine-tuning 1e-4, head only 3e-3 (see ``minipeft.compare``).
+"""
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FAST_ENV = "MINIPEFT_FAST"
+POOLINGS = ("mean", "cls")
+
+
+def is_fast() -> bool:
+    """True when the environment asks for the CI budget (``MINIPEFT_FAST=1``)."""
+    return os.environ.get(FAST_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+# ---- the model -----------------------------------------------------------------------------------------------
+
+class SequenceClassifier(nn.Module):
+    """logits = W · pool(encoder(x)) + b, pool = masked mean over real tokens (or the first, [CLS], token)."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int, pooling: str = "mean", dropout: float = 0.1):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling {pooling!r} not supported; allowed: {POOLINGS}")
+        if not isinstance(num_labels, int) or num_labels < 2:
+            raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
+        self.encoder, self.pooling = encoder, pooling
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.hidden_size, num_labels)
+
+    @property
+    def num_labels(self) -> int:
+        return self.head.out_features
+
+    def pool(self, hidden, attention_mask):
+        if self.pooling == "cls":
+            return hidden[:, 0]  # (B, d)
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, d)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.encoder(input_ids, attention_mask, token_type_ids)  # (B, T, d)
+        return self.head(self.dropout(self.pool(hidden, attention_mask)))  # (B, C)
+
+
+# ---- the budget ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Budget:
+    """How much data and compute one run gets. ``None`` in max_train / max_eval means the whole split."""
+    max_train: int | None = 2000
+    max_eval: int | None = 500      # validation and test each keep their first max_eval examples
+    epochs: int = 2
+    batch_size: int = 32
+    max_length: int = 64            # tokens; longer texts are truncated
+    warmup_ratio: float = 0.1       # fraction of the steps with a linearly rising learning rate
+    grad_clip: float = 1.0          # max global gradient norm
+    weight_decay: float = 0.01      # AdamW decay on weight matrices (not on biases / LayerNorms)
+    eval_batch_size: int = 64
+    timing_warmup_steps: int = 3    # first steps left out of sec_per_step
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"Budget.{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("max_train", "max_eval"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"Budget.{name} must be a positive integer or None (all), got {v!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"Budget.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.grad_clip <= 0 or self.weight_decay < 0 or self.timing_warmup_steps < 0:
+            raise ValueError("Budget.grad_clip must be > 0, weight_decay and timing_warmup_steps >= 0")
+
+    @classmethod
+    def lesson(cls) -> "Budget":
+        """The lessons' budget: 2,000 examples x 2 epochs at batch 32 (126 steps), 500 val / 500 test."""
+        return cls()
+
+    @classmethod
+    def fast(cls) -> "Budget":
+        """CI's budget: the same code paths (2 epochs, warm-up, eval, test) on a few batches."""
+        return cls(max_train=64, max_eval=32, epochs=2, batch_size=16, max_length=32, timing_warmup_steps=1)
+
+    @classmethod
+    def from_env(cls) -> "Budget":
+        """``fast()`` when ``MINIPEFT_FAST=1``, else ``lesson()``."""
+        return cls.fast() if is_fast() else cls.lesson()
+
+
+# ---- counting ------------------------------------------------------------------------------------------------
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter *elements* (not tensors, not buffers); shared tensors counted once."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def stored_parameter_count(model: nn.Module) -> int:
+    """Parameters one must store per task after training.
+
+    By default the trainable ones. A module that defines a ``stored_parameter_count()`` method (e.g. a prefix
+    whose reparameterisation MLP is dropped after training, Li & Liang 2021 §4.3) reports its own number, and
+    the parameters inside it are not counted again.
+    """
+    seen: set[int] = set()
+
+    def visit(m: nn.Module) -> int:
+        if m is not model and callable(getattr(m, "stored_parameter_count", None)):
+            seen.update(id(p) for p in m.parameters())
+            return int(m.stored_parameter_count())
+        n = 0
+        for p in m.parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        return n + sum(visit(c) for c in m.children())
+
+    return visit(model)
+
+
+def backbone_parameter_count(encoder: nn.Module) -> int:
+    """The denominator of every percentage: the pretrained encoder alone, nothing attached.
+
+    minipeft's ``Encoder`` is rebuilt from its config on the meta device (exact, no memory); any other
+    module is counted as it is (so count it before attaching anything).
+    """
+    from .backbones.encoder import Encoder
+
+    if isinstance(encoder, Encoder):
+        with torch.device("meta"):
+            return count_parameters(Encoder(encoder.cfg))
+    return count_parameters(encoder)
+
+
+def training_state_bytes(total_params: int, trainable_params: int, bytes_per_value: int = 4) -> int:
+    """Memory of weights + gradients + AdamW state, activations excluded (Kingma & Ba 2015, Alg. 1).
+
+    Every parameter is stored once; each trainable one also has a gradient and AdamW's two moments m and v:
+    bytes = b · (N_total + 3 · N_trainable).
+    """
+    if not 0 <= trainable_params <= total_params:
+        raise ValueError(f"need 0 <= trainable_params <= total_params, got {trainable_params} and {total_params}")
+    return bytes_per_value * (total_params + 3 * trainable_params)
+
+
+# ---- the result record ---------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    """Everything one run produced; ``to_dict()`` is plain JSON."""
+    task: str
+    method: str
+    config: dict
+    seed: int
+    lr: float
+    budget: dict
+    val_acc: list[float]            # one per epoch
+    test_acc: float
+    losses: list[float]             # training loss per step
+    steps: int
+    sec_per_step: float             # median over the steps after budget.timing_warmup_steps
+    train_seconds: float            # wall time of the whole run, evaluation included
+    peak_memory_mb: float
+    memory_measure: str             # what peak_memory_mb is (it differs between CPU and CUDA)
+    train_state_mb: float           # weights + grads + AdamW state by formula (training_state_bytes)
+    trainable_params: int
+    stored_params: int
+    total_params: int
+    backbone_params: int            # the frozen backbone: the denominator of the percentages
+    trainable_pct: float
+    stored_pct: float
+    device: str
+    versions: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Result":
+        names = {f.name for f in fields(cls)}
+        missing = names - set(d)
+        if missing:
+            raise ValueError(f"not a Result record: missing fields {sorted(missing)}")
+        return cls(**{k: d[k] for k in names})
+
+
+def versions() -> dict:
+    import datasets
+    import transformers
+
+    from . import __version__
+
+    return {"minipeft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "datasets": datasets.__version__, "python": platform.python_version(),
+            "machine": f"{platform.system()} {platform.machine()}", "threads": torch.get_num_threads()}
+
+
+# ---- the loop ------------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(path=None):
+    from .tasks import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def _loaders(task, budget: Budget, seed: int, tokenizer):
+    from torch.utils.data import DataLoader
+
+    from .tasks import collate, load_task, tokenize
+
+    dd = load_task(task, max_train=budget.max_train, max_eval=budget.max_eval) if isinstance(task, str) else task
+    pad = tokenizer.pad_token_id or 0
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+    was_enabled = is_progress_bar_enabled()
+    disable_progress_bar()  # no "Map: 100%" noise in notebooks
+    try:
+        data = tokenize(dd, tokenizer, budget.max_length)
+    finally:
+        if was_enabled:
+            enable_progress_bar()
+    fn = lambda batch: collate(batch, pad)  # noqa: E731
+    g = torch.Generator().manual_seed(seed)
+    train_dl = DataLoader(data["train"], batch_size=budget.batch_size, shuffle=True, generator=g, collate_fn=fn)
+    evals = {s: DataLoader(data[s], batch_size=budget.eval_batch_size, collate_fn=fn) for s in ("validation", "test")}
+    return dd, train_dl, evals
+
+
+def linear_warmup_decay(warmup: int, total: int):
+    """lr multiplier: s / warmup during warm-up, then (total - s) / (total - warmup) down to 0."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device) -> float:
+    """Accuracy of argmax predictions over a loader."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for batch in loader:
+        logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        correct += (logits.argmax(-1).cpu() == batch["labels"]).sum().item()
+        total += len(batch["labels"])
+    model.train(was_training)
+    return correct / max(1, total)
+
+
+def train(model: SequenceClassifier, task, lr: float, budget: Budget | None = None, seed: int = 0,
+          method: str = "", config: dict | None = None, quiet: bool = False, tokenizer=None,
+          device=None) -> Result:
+    """Train ``model``'s trainable parameters on ``task`` (a task name or a DatasetDict); return a Result.
+
+    Seed first, build the model after ``seed_everything(seed)`` (the head's init is then seeded too);
+    ``minipeft.compare.build_model`` does both.
+    """
+    from tqdm import tqdm
+
+    budget = budget or Budget.from_env()
+    if not isinstance(model, SequenceClassifier):
+        raise TypeError(f"train() needs a SequenceClassifier (encoder + head), got {type(model).__name__}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: every requires_grad is False")
+    seed_everything(seed)
+    device = torch.device(device) if device is not None else default_device()
+    tokenizer = tokenizer or _tokenizer()
+    dd, train_dl, evals = _loaders(task, budget, seed, tokenizer)
+    n_classes = train_dl.dataset.features["label"].num_classes
+    if n_classes != model.num_labels:
+        raise ValueError(f"task has {n_classes} labels but the model's head has {model.num_labels} outputs")
+    task_name = task if isinstance(task, str) else getattr(dd, "name", "custom")
+
+    model.to(device).train()
+    decay = [p for p in params if p.dim() >= 2]  # weight matrices and embeddings; not biases / LayerNorm gains
+    rest = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": budget.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=lr)
+    total = budget.epochs * len(train_dl)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(math.ceil(budget.warmup_ratio * total), total))
+
+    losses, step_times, val_acc = [], [], []
+    start = time.perf_counter()
+    bar = tqdm(total=total, disable=quiet, desc=f"{method or 'train'} on {task_name}", mininterval=2.0)
+    with PeakMemory(device) as mem:
+        for _ in range(budget.epochs):
+            for batch in train_dl:
+                t0 = time.perf_counter()
+                logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                loss = F.cross_entropy(logits, batch["labels"].to(device))
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, budget.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.item())  # .item() synchronises CUDA, so the timing is honest
+                step_times.append(time.perf_counter() - t0)
+                bar.update()
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+            val_acc.append(evaluate(model, evals["validation"], device))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", val_acc=f"{val_acc[-1]:.3f}")
+    bar.close()
+    test_acc = evaluate(model, evals["test"], device)
+
+    timed = step_times[budget.timing_warmup_steps:] or step_times
+    n_total, n_train = count_parameters(model), count_parameters(model, trainable_only=True)
+    n_stored, n_backbone = stored_parameter_count(model), backbone_parameter_count(model.encoder)
+    return Result(task=task_name, method=method, config=dict(config or {}), seed=seed, lr=lr,
+                  budget=asdict(budget), val_acc=val_acc, test_acc=test_acc, losses=losses, steps=len(losses),
+                  sec_per_step=statistics.median(timed), train_seconds=time.perf_counter() - start,
+                  peak_memory_mb=mem.peak_mb, memory_measure=mem.measure,
+                  train_state_mb=training_state_bytes(n_total, n_train) / 2**20,
+                  trainable_params=n_train, stored_params=n_stored, total_params=n_total,
+                  backbone_params=n_backbone, trainable_pct=100 * n_train / n_backbone,
+                  stored_pct=100 * n_stored / n_backbone, device=str(device), versions=versions())
+
+
+# ---- peak memory ---------------------------------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak memory during a block. CUDA: ``torch.cuda.max_memory_allocated`` (tensors only).
+
+    CPU: the peak rise of the process's resident set size (RSS) over its value at the start, sampled every
+    10 ms from /proc (Linux); freed memory is first handed back to the OS (glibc ``malloc_trim``) so an
+    earlier run in the same process inflates it less. It includes activations, gradients and optimiser state,
+    not the weights that were already loaded. Elsewhere: the process's lifetime peak RSS (``ru_maxrss``).
+    """
+
+    def __init__(self, device):
+        self.device, self.peak_mb, self.measure = torch.device(device), 0.0, ""
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.measure = "cuda max_memory_allocated (MiB)"
+            return self
+        _malloc_trim()
+        self._base = _rss_bytes()
+        if self._base is None:
+            self.measure = "cpu peak RSS of the process (MiB, ru_maxrss)"
+            return self
+        self.measure = "cpu peak RSS rise during training (MiB)"
+        self._peak, self._stop = self._base, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.01):
+            self._peak = max(self._peak, _rss_bytes())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self._base is None:
+            import resource
+            import sys
+
+            kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.peak_mb = kib / 2**20 if sys.platform == "darwin" else kib / 2**10
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = (max(self._peak, _rss_bytes()) - self._base) / 2**20
+        return False
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

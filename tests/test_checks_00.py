@@ -1,0 +1,67 @@
+"""Lesson 00's checks accept the reference answers and reject plausible wrong ones with a useful message."""
+import pytest
+from torch import nn
+
+from minipeft.checks.lesson00 import (check_count_parameters, check_encoder_formula, check_training_memory,
+                                      encoder_terms)
+from minipeft.train import count_parameters, training_state_bytes
+
+
+def formula(cfg, drop=None, extra=0):
+    terms = {k: v for k, v in encoder_terms(cfg).items() if v > 0}
+    return sum(v for k, v in terms.items() if drop is None or drop not in k) + extra
+
+
+def test_references_pass(capsys):
+    check_count_parameters(count_parameters)
+    check_encoder_formula(formula)
+    check_training_memory(training_state_bytes)
+    out = capsys.readouterr().out
+    assert out.count("✔") == 3
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (lambda m, trainable_only=False: len(list(m.parameters())), "number of parameter \\*tensors\\*"),
+    (lambda m, trainable_only=False: count_parameters(m), "counts frozen parameters too"),
+    (lambda m, trainable_only=False: sum(t.numel() for t in m.state_dict().values()), "includes buffers"),
+    (lambda m, trainable_only=False: float(count_parameters(m, trainable_only)), "should return an int"),
+])
+def test_count_parameters_rejects(wrong, message):
+    with pytest.raises(AssertionError, match=message):
+        check_count_parameters(wrong)
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (lambda cfg: formula(cfg, drop="biases"), "exactly the biases of the linear layers.*leave it out"),
+    (lambda cfg: formula(cfg, drop="LayerNorm"), "exactly the LayerNorms"),
+    (lambda cfg: formula(cfg, drop="position"), "exactly the position embeddings"),
+    (lambda cfg: formula(cfg, extra=cfg.hidden_size ** 2 + cfg.hidden_size), "a pooler"),
+    (lambda cfg: 12 * cfg.num_layers * cfg.hidden_size ** 2, "numel says"),  # the rule of thumb 12·L·d²
+])
+def test_encoder_formula_rejects(wrong, message):
+    with pytest.raises(AssertionError, match=message):
+        check_encoder_formula(wrong)
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (lambda n, t, bytes_per_value=4: bytes_per_value * (n + 2 * t), "3 extra values, you have 2"),
+    (lambda n, t, bytes_per_value=4: bytes_per_value * 4 * n, "frozen parameters have no gradient"),
+    (lambda n, t, bytes_per_value=4: 4 * (n + 3 * t), "use bytes_per_value"),
+    (lambda n, t, bytes_per_value=4: n + 3 * t, "multiply by bytes_per_value"),
+])
+def test_training_memory_rejects(wrong, message):
+    with pytest.raises(AssertionError, match=message):
+        check_training_memory(wrong)
+
+
+def test_unfilled_exercise_raises_not_implemented_and_crashes_are_explained():
+    def unfilled(*args, **kwargs):
+        raise NotImplementedError("Exercise: write your solution here")
+
+    for check in (check_count_parameters, check_encoder_formula, check_training_memory):
+        with pytest.raises(NotImplementedError):
+            check(unfilled)
+    with pytest.raises(AssertionError, match="raised ZeroDivisionError"):
+        check_training_memory(lambda n, t, bytes_per_value=4: 1 / 0)
+    with pytest.raises(AssertionError, match="expected a function"):
+        check_count_parameters(nn.Linear(2, 2).weight)

@@ -1,0 +1,43 @@
+"""The comparison harness: registry, CLI, and the three result files (fast budget, into a tmp dir)."""
+import json
+
+import pytest
+
+from minipeft import compare
+from minipeft.__main__ import main as cli
+from minipeft.compare import METHODS, MethodSpec, build_model, get_method, load_results, register
+
+
+def test_registry_has_the_baselines_and_explains_mistakes():
+    assert {"full", "head"} <= set(METHODS)
+    with pytest.raises(ValueError, match="unknown method 'lora'; registered methods: .*full.*head"):
+        get_method("lora")
+    with pytest.raises(ValueError, match="already registered"):
+        register(METHODS["head"])
+    with pytest.raises(ValueError, match="lr of 'x' must be > 0"):
+        MethodSpec("x", lesson="00", lr=0, prepare=lambda m: None)
+    with pytest.raises(ValueError, match="method name must be"):
+        MethodSpec("a b", lesson="00", lr=1e-3, prepare=lambda m: None)
+
+
+def test_build_model_prepares_the_method():
+    model = build_model("head", "topic", seed=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.weight", "head.bias"} and model.num_labels == 5
+    with pytest.raises(ValueError, match="unknown task"):
+        build_model("head", "spam")
+
+
+def test_cli_writes_the_three_files(tmp_path, capsys):
+    cli(["compare", "--fast", "--methods", "head", "--seeds", "0", "1", "--out", str(tmp_path), "--quiet"])
+    data = json.loads((tmp_path / "comparison.json").read_text())
+    assert data["command"] == f"python -m minipeft compare --fast --methods head --seeds 0 1 --out {tmp_path} --quiet"
+    assert [r["seed"] for r in data["results"]] == [0, 1] and data["budget"]["max_train"] == 64
+    assert len(load_results(tmp_path / "comparison.json")) == 2
+    md = (tmp_path / "comparison.md").read_text()
+    assert "| head | 00 | 0.003 | 770 |" in md and "±" in md and "Command: `python -m minipeft compare" in md
+    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="unknown method"):
+        compare.main(["--methods", "nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        cli(["train"])

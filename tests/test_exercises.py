@@ -1,0 +1,46 @@
+"""The exercise pipeline, over every lesson: exercises/ is up to date, builds are deterministic, and every
+unfilled exercise stops at its first check with NotImplementedError. (nbval runs the solutions.)"""
+import pytest
+
+from minipeft.exercises import ROOT, build, render, solution_paths, strip_solutions
+from minipeft.notebook_runner import execute
+
+SOLUTIONS = solution_paths()
+
+
+def test_every_solution_has_an_exercise_and_exercises_are_up_to_date():
+    assert build(write=False) == [], "exercises/ is stale: run `python -m minipeft.exercises build`"
+    assert sorted(p.name for p in (ROOT / "exercises").glob("*.ipynb")) == [p.name for p in SOLUTIONS]
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name)
+def test_build_is_deterministic_and_strips_every_answer(path):
+    text = render(path)
+    assert text == render(path)
+    assert "### BEGIN SOLUTION" not in text and "NotImplementedError" in text
+    assert '"outputs": []' in text and '"execution_count": null' in text
+    assert "check_" in text, "an exercise needs at least one check_... call"
+
+
+def test_strip_solutions():
+    src = "def f(x):\n    ### BEGIN SOLUTION: return x squared\n    return x * x\n    ### END SOLUTION\nf(2)"
+    assert strip_solutions(src) == "def f(x):\n    raise NotImplementedError('Exercise: return x squared')\nf(2)"
+    with pytest.raises(ValueError, match="never closed"):
+        strip_solutions("### BEGIN SOLUTION\nx = 1", "nb cell 3")
+    with pytest.raises(ValueError, match="without a ### BEGIN SOLUTION"):
+        strip_solutions("x = 1\n### END SOLUTION")
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name)
+def test_unfilled_exercise_fails_at_its_first_check(path):
+    from nbclient.exceptions import CellExecutionError
+
+    exercise = ROOT / "exercises" / path.name
+    with pytest.raises(CellExecutionError) as info:
+        execute(exercise, timeout=300, write=False)
+    assert info.value.ename == "NotImplementedError"
+    cells = info.value.notebook.cells
+    failed = next(i for i, c in enumerate(cells) if any(o.get("output_type") == "error" for o in c.get("outputs", [])))
+    first_check = next(i for i, c in enumerate(cells) if c.cell_type == "code" and "check_" in c.source
+                       and "import" not in c.source)
+    assert failed == first_check, f"{exercise.name}: failed at cell {failed}, its first check is cell {first_check}"
