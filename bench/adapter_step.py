@@ -1,0 +1,61 @@
+"""A training step with bottleneck adapters vs the frozen-backbone floor (and full fine-tuning, for context).
+
+    cd bench && ../.venv/bin/python adapter_step.py  [--batch 32 --seq 64 --threads 2 --repeats 20]
+
+Every model is MiniLM + a 2-class SequenceClassifier head, in train mode, on the same batch of real snippets
+(padded/truncated to exactly --seq tokens). The floor (``common.freeze_to_floor``) freezes every encoder
+weight but keeps gradients flowing through all layers: any method that inserts into every layer pays at least
+that. Target: Houlsby / floor and Pfeiffer / floor <= 1.15 (issue 4).
+"""
+import argparse
+import copy
+
+import torch
+from common import freeze_to_floor, interleaved_medians, pin_threads, real_batch, training_step
+
+from minipeft import BottleneckConfig, Encoder, add_adapter, train_adapter
+from minipeft.train import SequenceClassifier
+
+ADAPTERS = {"houlsby m=32": BottleneckConfig(placement="houlsby", bottleneck=32),
+            "pfeiffer m=64": BottleneckConfig(placement="pfeiffer", bottleneck=64)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    pin_threads(args.threads)
+    batch = real_batch(args.batch, args.seq)
+    encoder = Encoder.from_pretrained()
+
+    def classifier():
+        torch.manual_seed(0)
+        return SequenceClassifier(copy.deepcopy(encoder), num_labels=2).train()
+
+    steps = {}
+    floor = classifier()
+    steps["floor (frozen, grads flow)"] = training_step(floor, batch, freeze_to_floor(floor))
+    for name, cfg in ADAPTERS.items():
+        model = classifier()
+        add_adapter(model, cfg, "a")
+        train_adapter(model, "a")
+        steps[name] = training_step(model, batch, [p for p in model.parameters() if p.requires_grad])
+    full = classifier()
+    steps["full fine-tuning"] = training_step(full, batch, list(full.parameters()))
+
+    t = interleaved_medians(steps, repeats=args.repeats)
+    base = t["floor (frozen, grads flow)"]
+    print(f"training step, MiniLM + head, batch {args.batch} x {args.seq} real tokens, {args.threads} threads, "
+          f"median of {args.repeats} (interleaved)")
+    for name, sec in t.items():
+        print(f"  {name:28s} {sec * 1000:8.1f} ms   x{sec / base:.3f} of the floor")
+    for name in ADAPTERS:
+        ratio = t[name] / base
+        print(f"ratio {name} / floor: {ratio:.3f}  (target <= 1.15: {'met' if ratio <= 1.15 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Lesson 01's checks accept the reference answers and reject plausible wrong ones with a useful message."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minipeft.checks.lesson01 import (check_adapter_forward, check_adapter_parameters, check_placement_parameters,
+                                      reference_forward)
+from minipeft.methods.bottleneck import houlsby_count, pfeiffer_count
+
+
+def right(h, Wd, bd, Wu, bu, act):
+    return h + act(h @ Wd.T + bd) @ Wu.T + bu
+
+
+def test_references_pass(capsys):
+    check_adapter_forward(right)
+    check_adapter_parameters(lambda d, m: 2 * m * d + d + m)
+    check_placement_parameters(houlsby_count, pfeiffer_count)
+    assert capsys.readouterr().out.count("✔") == 3
+
+
+def test_reference_is_the_package_module():
+    g = torch.Generator().manual_seed(3)
+    h, Wd, bd, Wu, bu = (torch.randn(*s, generator=g) for s in ((2, 4, 6), (3, 6), (3,), (6, 3), (6,)))
+    assert torch.allclose(reference_forward(h, Wd, bd, Wu, bu, "gelu"), right(h, Wd, bd, Wu, bu, F.gelu), atol=1e-6)
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (lambda h, Wd, bd, Wu, bu, act: act(h @ Wd.T + bd) @ Wu.T + bu, "residual h is missing"),
+    (lambda h, Wd, bd, Wu, bu, act: h + act(h @ Wd.T + bd) @ Wu.T, "bias b_up is missing"),
+    (lambda h, Wd, bd, Wu, bu, act: h + act(h @ Wd.T) @ Wu.T + bu, "bias b_down is missing"),
+    (lambda h, Wd, bd, Wu, bu, act: h + act(h @ Wd.T) @ Wu.T, "both biases"),
+    (lambda h, Wd, bd, Wu, bu, act: h + (h @ Wd.T + bd) @ Wu.T + bu, "nonlinearity f is missing"),
+    (lambda h, Wd, bd, Wu, bu, act: h + act((h @ Wd.T + bd) @ Wu.T + bu), "after the up-projection"),
+    (lambda h, Wd, bd, Wu, bu, act: h + F.relu(h @ Wd.T + bd) @ Wu.T + bu, "call the act argument"),
+    (lambda h, Wd, bd, Wu, bu, act: h + act(h @ Wd + bd) @ Wu + bu, "h @ W_down.T"),  # weights not transposed
+    (lambda h, Wd, bd, Wu, bu, act: (h + act(h @ Wd.T + bd) @ Wu.T + bu).mean(-1), "maps \\(..., d\\)"),
+    (lambda h, Wd, bd, Wu, bu, act: 1.01 * right(h, Wd, bd, Wu, bu, act), "wrong output"),
+    (lambda h, Wd, bd, Wu, bu, act: right(h, Wd, bd, Wu, bu, act).tolist(), "should return a tensor"),
+])
+def test_forward_rejects(wrong, message):
+    with pytest.raises(AssertionError, match=message):
+        check_adapter_forward(wrong)
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (lambda d, m: 2 * m * d, "exactly the two biases .* leave it out"),
+    (lambda d, m: 2 * m * d + m, "exactly the up-projection's bias"),
+    (lambda d, m: 2 * m * d + d, "exactly the down-projection's bias"),
+    (lambda d, m: m * d + d + m, "one of the two weight matrices"),
+    (lambda d, m: float(2 * m * d + d + m), "Return an int"),
+])
+def test_adapter_parameters_rejects(wrong, message):
+    with pytest.raises(AssertionError, match=message):
+        check_adapter_parameters(wrong)
+
+
+@pytest.mark.parametrize("houlsby, pfeiffer, message", [
+    (pfeiffer_count, pfeiffer_count, "Houlsby puts two per layer"),
+    (houlsby_count, houlsby_count, "Pfeiffer puts one per layer"),
+    (lambda d, L, m: 2 * (2 * m * d + d + m), pfeiffer_count, "multiply by the number of layers"),
+    (lambda d, L, m: 2 * L * 2 * m * d, pfeiffer_count, "biases .* are missing"),
+])
+def test_placement_parameters_rejects(houlsby, pfeiffer, message):
+    with pytest.raises(AssertionError, match=message):
+        check_placement_parameters(houlsby, pfeiffer)
+
+
+def test_unfilled_exercise_raises_not_implemented():
+    def unfilled(*args, **kwargs):
+        raise NotImplementedError("Exercise: write your solution here")
+
+    with pytest.raises(NotImplementedError):
+        check_adapter_forward(unfilled)
+    with pytest.raises(NotImplementedError):
+        check_adapter_parameters(unfilled)
+    with pytest.raises(NotImplementedError):
+        check_placement_parameters(unfilled, pfeiffer_count)
