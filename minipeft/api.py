@@ -311,10 +311,13 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
 # ---- a site on any module's output (for models minipeft did not write) --------------------------------------
 
 def _output_delta_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    """h = module(x); h ← h + Δh for each active attached module (same protocol as a site, no LayerNorm)."""
+    """h = module(x); h ← h + Δh for each active attached module (same protocol as a site, no LayerNorm).
+    A module may return None: nothing to add (a merged LoRA, whose ΔW is already in the weight)."""
     for delta in module.output_deltas.values():
         if delta.active:
-            output = output + delta(inputs[0], output, None)
+            dh = delta(inputs[0], output, None)
+            if dh is not None:
+                output = output + dh
     return output
 
 
@@ -324,3 +327,13 @@ def add_output_delta(target: nn.Module, name: str, delta: AdapterModule) -> None
         target.output_deltas = nn.ModuleDict()
         target.register_forward_hook(_output_delta_hook)
     target.output_deltas[name] = delta
+
+
+def remove_output_delta(target: nn.Module, name: str) -> None:
+    """Detach ``name`` from ``target``'s output site; the last one out removes the site (container and hook)."""
+    del target.output_deltas[name]
+    if not len(target.output_deltas):
+        del target.output_deltas
+        for key, hook in list(target._forward_hooks.items()):
+            if hook is _output_delta_hook:
+                del target._forward_hooks[key]
