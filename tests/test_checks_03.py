@@ -1,0 +1,71 @@
+"""Lesson 03 checks accept the right answers and reject the plausible wrong ones with a useful message."""
+import pytest
+import torch
+
+from minipeft.checks.lesson03 import check_compacter_count, check_kron_sum, check_low_rank_B
+from minipeft.methods.compacter import compacter_count, paper_compacter_count, paper_phm_adapter_count
+
+
+def kron_sum_right(A, B):
+    return sum(torch.kron(A[i], B[i]) for i in range(A.shape[0]))
+
+
+def test_kron_sum_accepts_the_loop_and_einsum(capsys):
+    check_kron_sum(kron_sum_right)
+    check_kron_sum(lambda A, B: torch.einsum("iac,ibe->abce", A, B).reshape(A.shape[0] * B.shape[1], -1))
+    assert "✔ kron_sum" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wrong,message", [
+    (lambda A, B: sum(torch.kron(B[i], A[i]) for i in range(A.shape[0])), "B_i ⊗ A_i: the Kronecker product does not commute"),
+    (lambda A, B: torch.kron(A[0], B[0]), r"only A_1 ⊗ B_1: W is the \*sum\*"),
+    (lambda A, B: [W := torch.kron(A[i], B[i]) for i in range(A.shape[0])][-1], "overwrite W"),
+    (lambda A, B: kron_sum_right(A, B) / A.shape[0], "mean of the n products"),
+    (lambda A, B: torch.stack([torch.kron(A[i], B[i]) for i in range(A.shape[0])]), r"side by side. W is their \*sum\*"),
+    (lambda A, B: A.sum(0), r"returned shape \(2, 2\)"),
+    (lambda A, B: "W", "should return a torch.Tensor"),
+    (lambda A, B: 1 / 0, "raised ZeroDivisionError")])
+def test_kron_sum_rejects(wrong, message):
+    with pytest.raises(AssertionError, match=message):
+        check_kron_sum(wrong)
+
+
+def test_unfilled_exercise_raises_not_implemented():
+    def todo(*args):
+        raise NotImplementedError("Exercise")
+    for check in (check_kron_sum, check_low_rank_B, check_compacter_count):
+        with pytest.raises(NotImplementedError):
+            check(todo)
+
+
+def test_low_rank_B_accepts(capsys):
+    check_low_rank_B(lambda s, t: s @ t.transpose(-1, -2))
+    check_low_rank_B(lambda s, t: torch.einsum("ipr,iqr->ipq", s, t))
+    assert "✔ low_rank_B" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wrong,message", [
+    (lambda s, t: t @ s.transpose(-1, -2), r"that is t_i s_iᵀ = B_iᵀ"),
+    (lambda s, t: s[..., :1] @ t[..., :1].transpose(-1, -2), "only the first of the r columns"),
+    (lambda s, t: s @ t.transpose(-1, -2) / s.shape[-1], "divided by r"),
+    (lambda s, t: s.transpose(-1, -2) @ t, "calling it raised RuntimeError"),
+    (lambda s, t: s.sum(-1), "returned shape"),
+    (lambda s, t: s @ t.transpose(-1, -2) + 1, "B_i = s_i t_iᵀ: for each i")])
+def test_low_rank_B_rejects(wrong, message):
+    with pytest.raises(AssertionError, match=message):
+        check_low_rank_B(wrong)
+
+
+def test_compacter_count_accepts_and_rejects(capsys):
+    check_compacter_count(compacter_count)
+    assert "57,088" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match=r"the biases .* did you leave it out"):
+        check_compacter_count(paper_compacter_count)  # the paper's count has no biases
+    with pytest.raises(AssertionError, match=r"the shared A \(n³, stored once\).*leave it out"):
+        check_compacter_count(lambda d, L, k, n: compacter_count(d, L, k, n) - n ** 3)
+    with pytest.raises(AssertionError, match="one copy of A per PHM layer"):
+        check_compacter_count(lambda d, L, k, n: compacter_count(d, L, k, n) + 4 * L * n ** 3 - n ** 3)
+    with pytest.raises(AssertionError, match="one of the two adapters per layer"):
+        check_compacter_count(lambda d, L, k, n: compacter_count(d, L, k, n, sites=1))
+    with pytest.raises(AssertionError, match="PHM-Adapter's count"):
+        check_compacter_count(lambda d, L, k, n: paper_phm_adapter_count(d, L, k, n) + 2 * L * (k + d))
