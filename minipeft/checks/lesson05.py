@@ -1,0 +1,126 @@
+"""Lesson 05 checks: attention with a prefix (Li & Liang 2021, §4.2) — concatenation and mask extension.
+
+The learner writes ``prefix_attention(q, k, v, prefix_k, prefix_v, key_mask, num_heads) -> (B, T, d)``:
+q, k, v (B, T, d) are the projected queries/keys/values, prefix_k, prefix_v (l, d) the prefix of this layer,
+key_mask (B, T) bool (True = a real token) or None. Reference: minipeft's ``Attention.forward`` (the package's
+encoder) with the output projection replaced by the identity, read before residual + LayerNorm.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones.encoder import Attention, EncoderConfig
+from . import fail, passed
+
+TINY = EncoderConfig(vocab_size=100, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                     max_position=24, type_vocab_size=1, attention_dropout=0.0, dropout=0.0, name="tiny")
+
+
+class _Capture(nn.Module):
+    """A site delta that records h (the attention output before residual + LN) and adds nothing."""
+    active = True
+
+    def forward(self, x, h, norm):
+        self.h = h
+        return torch.zeros_like(h)
+
+
+def reference(x, attn: Attention, prefix, key_mask):
+    """The package's attention with prefix on x, before the output projection: (B, T, d)."""
+    o, attn.o = attn.o, nn.Identity()
+    attn.deltas["capture"] = _Capture()
+    try:
+        attn(x, key_mask, prefix)
+        return attn.deltas["capture"].h
+    finally:
+        attn.o = o
+        del attn.deltas["capture"]
+
+
+def _attend(q, k, v, mask, H):
+    split = lambda t: t.view(t.shape[0], t.shape[1], H, -1).transpose(1, 2)  # noqa: E731  (B, H, ·, d_h)
+    m = None if mask is None else mask[:, None, None, :]
+    return F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=m).transpose(1, 2).flatten(2)
+
+
+def wrong_answers(q, k, v, pk, pv, key_mask, H) -> dict[str, torch.Tensor]:
+    """Outputs of plausible mistakes, to name the one a learner made (a prefix masked out = no prefix)."""
+    B, l = q.shape[0], pk.shape[0]
+    K, V = torch.cat([pk.expand(B, -1, -1), k], 1), torch.cat([pv.expand(B, -1, -1), v], 1)
+    out = {"no_mask": _attend(q, K, V, None, H), "no_prefix": _attend(q, k, v, key_mask, H)}
+    if key_mask is not None:
+        ones = key_mask.new_ones(B, l)
+        out["mask_at_end"] = _attend(q, K, V, torch.cat([key_mask, ones], 1), H)
+    return out
+
+
+HINTS = {
+    "no_mask": "the padding positions are attended to: the key mask was dropped. Extend it instead: l ones "
+               "(True) for the prefix in front of key_mask, so it has l + T columns.",
+    "mask_at_end": "the mask's prefix columns are at the end, but the prefix keys are in front: the padding mask "
+                   "no longer lines up with the real keys. Put the l ones in front: cat([ones(B, l), key_mask]).",
+    "no_prefix": "the output ignores the prefix: your queries never attend to it. Concatenate prefix_k / prefix_v "
+                 "in front of k / v, and mark those l key columns True (attend) in the mask, not False.",
+}
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    attn = Attention(TINY).eval()
+    d = TINY.hidden_size
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    cases = []
+    for B, T, l, m in ((3, 5, 5, mask), (3, 5, 3, mask), (2, 4, 6, None), (1, 3, 1, None)):
+        x = torch.randn(B, T, d, generator=g)
+        pk, pv = torch.randn(l, d, generator=g), torch.randn(l, d, generator=g)
+        cases.append((x, attn, pk, pv, m))
+    return cases
+
+
+def check_prefix_attention(fn) -> None:
+    """``fn(q, k, v, prefix_k, prefix_v, key_mask, num_heads) -> (B, T, d)``: multi-head attention whose keys
+    and values have the prefix in front and whose key mask is extended so every query sees the prefix."""
+    name = "prefix_attention"
+    if not callable(fn):
+        fail(name, f"expected a function, got {type(fn).__name__}")
+    for x, attn, pk, pv, key_mask in _cases():
+        B, T, d = x.shape
+        l, H = pk.shape[0], attn.num_heads
+        with torch.no_grad():
+            q, k, v = attn.q(x), attn.k(x), attn.v(x)  # (B, T, d)
+            want = reference(x, attn, (pk, pv), key_mask)
+            where = f"B={B}, T={T}, l={l}, d={d}, {H} heads, " + ("with padding" if key_mask is not None else "no mask")
+            try:
+                got = fn(q, k, v, pk, pv, key_mask, H)
+            except NotImplementedError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- the learner's code may raise anything
+                hint = ("The keys now have l + T positions: does the mask have l + T columns too (ones in front)? "
+                        "And is the prefix concatenated on the sequence axis (dim 1 of (B, T, d))?")
+                fail(name, f"calling it ({where}) raised {type(e).__name__}: {e}. {hint}")
+            if not isinstance(got, torch.Tensor):
+                fail(name, f"should return a tensor (B, T, d), got {type(got).__name__}")
+            if tuple(got.shape) != (B, T, d):
+                hint = {(B, T + l, d): "the prefix went into the queries (or the output) too: only keys and values "
+                                       "get it; the output keeps the T real positions.",
+                        (B, T, 2 * d): "the prefix was concatenated on the feature axis: prepend it along the "
+                                       "sequence axis (dim 1 of (B, T, d)), making l + T keys of width d.",
+                        (2 * B, T, d): "the prefix was concatenated on the batch axis: expand it to (B, l, d) and "
+                                       "prepend it along the sequence axis (dim 1).",
+                        (B + 1, T, d): "the prefix was concatenated on the batch axis: prepend it along the "
+                                       "sequence axis (dim 1) after expanding it to (B, l, d)."}
+                fail(name, f"returned shape {tuple(got.shape)} ({where}), expected {(B, T, d)}: "
+                     + hint.get(tuple(got.shape), "concatenate the prefix along the sequence axis, in front."))
+            if torch.allclose(got, want, atol=1e-5):
+                continue
+            for mistake, out in wrong_answers(q, k, v, pk, pv, key_mask, H).items():
+                if torch.allclose(got, out, atol=1e-5) and not torch.allclose(out, want, atol=1e-5):
+                    fail(name, f"wrong output ({where}): {HINTS[mistake]}")
+            err = (got - want).abs().max().item()
+            fail(name, f"wrong output ({where}): max error {err:.3g}. Check the split into heads (B, H, T, d_h), "
+                       "the scale 1/√d_h, and that prefix_k / prefix_v are concatenated in front of k / v along the "
+                       "sequence axis (a wrong axis of the same size runs but mixes features or heads).")
+    passed(name, "matches minipeft's Attention with a prefix on 4 cases (padding, l = T, l > T, no mask)")

@@ -1,0 +1,86 @@
+"""Lesson 05's check accepts prefix attention done right and rejects the plausible mistakes with a useful message."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minipeft.checks.lesson05 import check_prefix_attention
+
+
+def split(t, H):  # (B, T, d) -> (B, H, T, d_h)
+    return t.view(t.shape[0], t.shape[1], H, -1).transpose(1, 2)
+
+
+def make(cat_dim=1, mask="front", prefix_in_queries=False):
+    """A prefix attention with one deliberate mistake (the defaults are the right answer)."""
+    def fn(q, k, v, prefix_k, prefix_v, key_mask, num_heads):
+        B, l = q.shape[0], prefix_k.shape[0]
+        pk, pv = prefix_k.expand(B, -1, -1), prefix_v.expand(B, -1, -1)  # (B, l, d)
+        k, v = torch.cat([pk, k], dim=cat_dim), torch.cat([pv, v], dim=cat_dim)  # (B, l + T, d)
+        if prefix_in_queries:
+            q = torch.cat([pk, q], dim=1)
+        m = None
+        if key_mask is not None and mask is not None:
+            ones = key_mask.new_ones(B, l)
+            m = {"front": lambda: torch.cat([ones, key_mask], 1), "end": lambda: torch.cat([key_mask, ones], 1),
+                 "zeros": lambda: torch.cat([~ones, key_mask], 1), "unchanged": lambda: key_mask}[mask]()
+            m = m[:, None, None, :]
+        a = F.scaled_dot_product_attention(split(q, num_heads), split(k, num_heads), split(v, num_heads), attn_mask=m)
+        return a.transpose(1, 2).flatten(2)  # (B, T, d)
+    return fn
+
+
+def test_right_answer_passes(capsys):
+    check_prefix_attention(make())
+    assert "✔ prefix_attention" in capsys.readouterr().out
+
+
+def test_manual_softmax_answer_passes():
+    def manual(q, k, v, prefix_k, prefix_v, key_mask, num_heads):
+        B, l = q.shape[0], prefix_k.shape[0]
+        K = split(torch.cat([prefix_k.expand(B, -1, -1), k], 1), num_heads)
+        V = split(torch.cat([prefix_v.expand(B, -1, -1), v], 1), num_heads)
+        s = split(q, num_heads) @ K.transpose(-1, -2) / K.shape[-1] ** 0.5  # (B, H, T, l + T)
+        if key_mask is not None:
+            s = s.masked_fill(~torch.cat([key_mask.new_ones(B, l), key_mask], 1)[:, None, None, :], float("-inf"))
+        return (s.softmax(-1) @ V).transpose(1, 2).flatten(2)
+    check_prefix_attention(manual)
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (make(mask=None), "the key mask was dropped. Extend it"),
+    (make(mask="end"), "prefix columns are at the end"),
+    (make(mask="zeros"), "never attend to it.*True \\(attend\\)"),
+    (make(mask="unchanged"), "does the mask have l \\+ T columns"),
+    (make(cat_dim=2), "sequence axis \\(dim 1 of \\(B, T, d\\)\\)"),
+    (make(cat_dim=0), "sequence axis"),
+    (make(prefix_in_queries=True), "only keys and values"),
+    (lambda q, k, v, pk, pv, m, H: make()(q, k, v, pk[:0], pv[:0], m, H), "ignores the prefix"),
+    (lambda q, k, v, pk, pv, m, H: 2 * make()(q, k, v, pk, pv, m, H), "max error"),
+])
+def test_rejects_plausible_mistakes(wrong, message):
+    with pytest.raises(AssertionError, match=message):
+        check_prefix_attention(wrong)
+
+
+def test_wrong_axis_of_equal_size_is_rejected():
+    """Concatenating on the feature axis after the head split runs when l·d_h fits, but is wrong."""
+    def feature_axis(q, k, v, prefix_k, prefix_v, key_mask, num_heads):
+        B, l = q.shape[0], prefix_k.shape[0]
+        pk, pv = prefix_k.expand(B, -1, -1), prefix_v.expand(B, -1, -1)
+        K = split(k + pk.sum(1, keepdim=True), num_heads)  # mixes the prefix into every key instead
+        V = split(v + pv.sum(1, keepdim=True), num_heads)
+        m = None if key_mask is None else key_mask[:, None, None, :]
+        return F.scaled_dot_product_attention(split(q, num_heads), K, V, attn_mask=m).transpose(1, 2).flatten(2)
+    with pytest.raises(AssertionError, match="wrong output"):
+        check_prefix_attention(feature_axis)
+
+
+def test_unfilled_and_not_a_function():
+    def unfilled(*args):
+        raise NotImplementedError("Exercise: write your solution here")
+    with pytest.raises(NotImplementedError):
+        check_prefix_attention(unfilled)
+    with pytest.raises(AssertionError, match="expected a function"):
+        check_prefix_attention(torch.zeros(2))
+    with pytest.raises(AssertionError, match="should return a tensor"):
+        check_prefix_attention(lambda *a: 0)
