@@ -1,0 +1,112 @@
+"""Lesson 04 checks: the parallel adapter's forward, Δh = s · A(x), and a module that plugs into a site.
+
+Reference: ``minipeft.methods.parallel.ParallelAdapter`` (He et al. 2022, Table 1 / §4.1).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..methods.parallel import ParallelAdapter, ParallelAdapterConfig
+from . import call, fail, passed
+
+D, R = 12, 4
+
+
+def _layers(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    down, up = nn.Linear(D, R), nn.Linear(R, D)
+    with torch.no_grad():
+        for p in (*down.parameters(), *up.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return down, up
+
+
+def _inputs(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 5, D, generator=g), torch.randn(2, 5, D, generator=g)  # x (B, T, d), h (B, T, d)
+
+
+def _diagnose(got, x, h, down, up, s) -> str:
+    """Name the plausible mistake that gives ``got``."""
+    a = lambda u: up(F.relu(down(u)))  # noqa: E731
+    wrong = [(s * a(h), "it depends on h, the sublayer's *output*: a parallel adapter reads the sublayer's "
+                        "*input* x (h ← h + s·A(x)); reading h is the sequential adapter"),
+             (s * a(x + h), "it reads x + h: a parallel adapter reads only the sublayer's input x"),
+             (a(x), "the scale s is missing: return s · W_up f(W_down x + b_down) + ..."),
+             (a(x) * s ** 2, "s is applied twice"),
+             (s * up(down(x)), "the nonlinearity is missing: f = ReLU between W_down and W_up"),
+             (s * F.relu(up(down(x))), "ReLU belongs after W_down (the bottleneck), not after W_up"),
+             (s * F.linear(F.relu(down(x)), up.weight) + up.bias,
+              "s should scale the whole A(x), b_up included (as He et al.'s code does: up_proj(...) * scale)"),
+             (h + s * a(x), "return only Δh: the site adds it to h (and the residual x) itself"),
+             (x + s * a(x), "return only Δh: the residual x is added by the site, not by the adapter")]
+    for candidate, message in wrong:
+        if got.shape == candidate.shape and torch.allclose(got, candidate, atol=1e-5):
+            return message
+    return "compare with s · (W_up relu(W_down x + b_down) + b_up), x the sublayer input"
+
+
+def check_parallel_delta(fn) -> None:
+    """``fn(x, h, down, up, s) -> Δh``: s · (W_up relu(W_down x + b_down) + b_up), computed from x only."""
+    name = "parallel_delta"
+    for s in (4.0, 1.0, 2.5):
+        down, up = _layers()
+        x, h = _inputs()
+        with torch.no_grad():
+            got = call(name, fn, x, h, down, up, s)
+            want = s * up(F.relu(down(x)))
+            if not isinstance(got, torch.Tensor):
+                fail(name, f"should return a tensor, got {type(got).__name__}")
+            if got.shape != want.shape:
+                fail(name, f"returned shape {tuple(got.shape)}, expected {tuple(want.shape)} (the shape of h)")
+            if not torch.allclose(got, want, atol=1e-5):
+                fail(name, f"wrong Δh with s={s}: " + _diagnose(got, x, h, down, up, s) + ".")
+    passed(name, "Δh = s·A(x) for s = 4, 1, 2.5; it reads the sublayer input x and ignores h")
+
+
+def check_parallel_module(cls) -> None:
+    """``cls(adapter_name, d, r, scale)``: an AdapterModule with ``down``/``up`` Linears initialised as in He et
+    al. (Kaiming-uniform down, zero up and biases), ``scale`` a fixed number or, for "learned", an
+    ``nn.Parameter`` starting at 1, and ``forward(x, h, norm) -> Δh``."""
+    name = "ParallelAdapter module"
+    d, r = 48, 8
+    torch.manual_seed(0)
+    module = call(name, cls, "mine", d, r, 4.0)
+    for attr, shape in (("down", (r, d)), ("up", (d, r))):
+        layer = getattr(module, attr, None)
+        if not isinstance(layer, nn.Linear) or tuple(layer.weight.shape) != shape or layer.bias is None:
+            fail(name, f"needs self.{attr} = nn.Linear with bias and weight shape {shape}")
+    if torch.count_nonzero(module.up.weight) or torch.count_nonzero(module.up.bias):
+        fail(name, "W_up and b_up must start at zero, so that Δh = 0 and the model starts as the base model")
+    bound = 1 / math.sqrt(d)  # kaiming_uniform_(a=√5): U(-1/√d, 1/√d)
+    w = module.down.weight
+    if not torch.count_nonzero(w) or w.abs().max() > bound + 1e-6 or w.abs().max() < 0.8 * bound:
+        fail(name, f"W_down should be Kaiming-uniform, nn.init.kaiming_uniform_(w, a=math.sqrt(5)): values in "
+                   f"±1/√d = ±{bound:.3f}; got max |w| = {float(w.abs().max()):.3f}")
+    if torch.count_nonzero(module.down.bias):
+        fail(name, "b_down starts at zero in He et al.'s initialisation")
+    learned = call(name, cls, "mine", d, r, "learned")
+    s = getattr(learned, "scale", None)
+    if not isinstance(s, nn.Parameter) or s.numel() != 1 or float(s.detach()) != 1.0:
+        fail(name, 'with scale="learned", self.scale must be one nn.Parameter (numel 1) starting at 1.0')
+    if isinstance(getattr(module, "scale", None), nn.Parameter):
+        fail(name, "a fixed scale (4.0) must not be a trainable nn.Parameter")
+    # same weights as the reference -> same Δh, from x alone
+    ref = ParallelAdapter("ref", d, r, ParallelAdapterConfig(r=r, scale=4.0))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        module.down.load_state_dict(ref.down.state_dict())
+        module.up.load_state_dict(ref.up.state_dict())
+        x, h = torch.randn(2, 3, 2, d, generator=g).unbind(0)
+        got = call(name, module, x, h, nn.LayerNorm(d))
+        if not isinstance(got, torch.Tensor) or got.shape != x.shape:
+            fail(name, f"forward(x, h, norm) should return Δh of shape {tuple(x.shape)}")
+        if not torch.allclose(got, ref(x, h, None), atol=1e-5):
+            fail(name, "forward gives the wrong Δh: " + _diagnose(got, x, h, module.down, module.up, 4.0) + ".")
+    passed(name, "He et al.'s init (W_down Kaiming-uniform, W_up = 0), fixed or learned s, Δh = s·A(x)")

@@ -1,0 +1,89 @@
+"""Lesson 04's checks accept the reference answers and reject plausible wrong ones with a useful message."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minipeft.api import AdapterModule
+from minipeft.checks.lesson04 import check_parallel_delta, check_parallel_module
+
+
+def reference_delta(x, h, down, up, s):
+    return s * up(F.relu(down(x)))
+
+
+def make_module(read_h=False, scale_in_forward=True, zero_up=True, kaiming=True, learned_param=True,
+                fixed_param=False):
+    class Mine(AdapterModule):
+        def __init__(self, adapter_name, d, r, scale):
+            super().__init__(adapter_name)
+            self.down, self.up = nn.Linear(d, r), nn.Linear(r, d)
+            with torch.no_grad():
+                if kaiming:
+                    nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+                else:
+                    nn.init.normal_(self.down.weight, std=0.02)
+                nn.init.zeros_(self.down.bias)
+                if zero_up:
+                    nn.init.zeros_(self.up.weight)
+                    nn.init.zeros_(self.up.bias)
+            if scale == "learned":
+                self.scale = nn.Parameter(torch.ones(())) if learned_param else 1.0
+            else:
+                self.scale = nn.Parameter(torch.tensor(float(scale))) if fixed_param else float(scale)
+
+        def forward(self, x, h, norm):
+            u = h if read_h else x
+            a = self.up(F.relu(self.down(u)))
+            return self.scale * a if scale_in_forward else a
+
+    return Mine
+
+
+def test_references_pass(capsys):
+    check_parallel_delta(reference_delta)
+    check_parallel_module(make_module())
+    assert capsys.readouterr().out.count("✔") == 2
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (lambda x, h, down, up, s: s * up(F.relu(down(h))), "depends on h, the sublayer's \\*output\\*"),
+    (lambda x, h, down, up, s: up(F.relu(down(x))), "the scale s is missing"),
+    (lambda x, h, down, up, s: s * up(down(x)), "the nonlinearity is missing"),
+    (lambda x, h, down, up, s: h + s * up(F.relu(down(x))), "return only Δh"),
+    (lambda x, h, down, up, s: x + s * up(F.relu(down(x))), "the residual x is added by the site"),
+    (lambda x, h, down, up, s: s * F.linear(F.relu(down(x)), up.weight) + up.bias, "b_up included"),
+    (lambda x, h, down, up, s: s * up(F.relu(down(x)))[..., :3], "returned shape"),
+    (lambda x, h, down, up, s: 0.5 * up(F.relu(down(x))), "compare with s"),
+])
+def test_parallel_delta_rejects(wrong, message):
+    with pytest.raises(AssertionError, match=message):
+        check_parallel_delta(wrong)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(read_h=True), "sublayer's \\*output\\*"),
+    (dict(scale_in_forward=False), "the scale s is missing"),
+    (dict(zero_up=False), "must start at zero"),
+    (dict(kaiming=False), "Kaiming-uniform"),
+    (dict(learned_param=False), "must be one nn.Parameter"),
+    (dict(fixed_param=True), "must not be a trainable"),
+])
+def test_parallel_module_rejects(kwargs, message):
+    with pytest.raises(AssertionError, match=message):
+        check_parallel_module(make_module(**kwargs))
+
+
+def test_unfilled_exercise_raises_not_implemented_and_crashes_are_explained():
+    def unfilled(*args, **kwargs):
+        raise NotImplementedError("Exercise: write your solution here")
+
+    for check in (check_parallel_delta, check_parallel_module):
+        with pytest.raises(NotImplementedError):
+            check(unfilled)
+    with pytest.raises(AssertionError, match="raised ZeroDivisionError"):
+        check_parallel_delta(lambda *a: 1 / 0)
+    with pytest.raises(AssertionError, match="needs self.down"):
+        check_parallel_module(lambda *a: nn.Identity())
