@@ -83,7 +83,7 @@ def check_parallel_module(cls) -> None:
     if torch.count_nonzero(module.up.weight) or torch.count_nonzero(module.up.bias):
         fail(name, "W_up and b_up must start at zero, so that Δh = 0 and the model starts as the base model")
     bound = 1 / math.sqrt(d)  # kaiming_uniform_(a=√5): U(-1/√d, 1/√d)
-    w = module.down.weight
+    w = module.down.weight.detach()
     if not torch.count_nonzero(w) or w.abs().max() > bound + 1e-6 or w.abs().max() < 0.8 * bound:
         fail(name, f"W_down should be Kaiming-uniform, nn.init.kaiming_uniform_(w, a=math.sqrt(5)): values in "
                    f"±1/√d = ±{bound:.3f}; got max |w| = {float(w.abs().max()):.3f}")
