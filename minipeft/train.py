@@ -369,7 +369,7 @@ class PeakMemory:
     """Peak memory during a block. CUDA: ``torch.cuda.max_memory_allocated`` (tensors only).
 
     CPU: the peak rise of the process's resident set size (RSS) over its value at the start, sampled every
-    10 ms from /proc (Linux); freed memory is first handed back to the OS (glibc ``malloc_trim``) so an
+    50 ms from /proc (Linux); freed memory is first handed back to the OS (glibc ``malloc_trim``) so an
     earlier run in the same process inflates it less. It includes activations, gradients and optimiser state,
     not the weights that were already loaded. Elsewhere: the process's lifetime peak RSS (``ru_maxrss``).
     """
@@ -396,7 +396,7 @@ class PeakMemory:
         return self
 
     def _sample(self):
-        while not self._stop.wait(0.01):
+        while not self._stop.wait(0.05):
             self._peak = max(self._peak, _rss_bytes())
 
     def __exit__(self, *exc):

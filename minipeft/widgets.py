@@ -129,7 +129,7 @@ def has_widget_frontend() -> bool:
     return shell is not None and hasattr(shell, "kernel")
 
 
-def explore(backbone: str = "MiniLM-L6", static: bool | None = None):
+def explore(backbone: str = "MiniLM-L6", static: bool | None = None) -> None:
     """Print the summary table; then show the widget (Jupyter) or each method's default breakdown (static)."""
     print(summary_table(backbone))
     if static if static is not None else not has_widget_frontend():
@@ -165,7 +165,7 @@ def explore(backbone: str = "MiniLM-L6", static: bool | None = None):
     box = w.VBox([w.HBox([method, model]), size, out])
     display(box)
     redraw()
-    return box
+    return None
 
 
 # ---- registered methods (lesson order; method lessons add theirs here) ----------------------------------------
@@ -184,3 +184,28 @@ register_explorer(ExplorerEntry("full", size_name="labels C", sizes=(2, 3, 5), d
 register_explorer(ExplorerEntry("head", size_name="labels C", sizes=(2, 3, 5), default=2,
                                 per_layer=lambda cfg, c: with_head(cfg, {}, c),
                                 note="head only: d·C + C (a linear probe on the frozen encoder)"))
+
+
+def _prefix(cfg: EncoderConfig, l: int) -> dict:
+    """Reparameterised prefix at training time: P' (l·d) + MLP (d·k + k + k·2Ld + 2Ld), k = 512 (Li & Liang §4.3)."""
+    from .methods.prefix import prefix_training_count
+
+    return with_head(cfg, {"P' + MLP (dropped after training)": prefix_training_count(cfg.hidden_size,
+                                                                                      cfg.num_layers, l, 512)})
+
+
+def _prefix_ejected(cfg: EncoderConfig, l: int) -> dict:
+    """After ejection (or flat): P_k and P_v, l vectors of size d, per layer: 2·l·d each layer."""
+    from .methods.prefix import prefix_stored_count
+
+    return with_head(cfg, {f"layer {i}": prefix_stored_count(cfg.hidden_size, 1, l) for i in range(cfg.num_layers)})
+
+
+register_explorer(ExplorerEntry("prefix", size_name="prefix length l", sizes=(5, 10, 20, 30, 50, 100, 200),
+                                default=30, per_layer=_prefix,
+                                note="prefix tuning, reparameterised (k=512): trained; only 2·l·d·L is kept "
+                                     "(see prefix_ejected)"))
+register_explorer(ExplorerEntry("prefix_ejected", size_name="prefix length l", sizes=(5, 10, 20, 30, 50, 100, 200),
+                                default=30, per_layer=_prefix_ejected,
+                                note="prefix after ejection (= flat prefix): 2·l·d per layer, stored and used "
+                                     "at inference"))
