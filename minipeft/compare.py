@@ -220,3 +220,19 @@ register(MethodSpec("full", lesson="00", lr=1e-4, prepare=_prepare_full,
                     description="full fine-tuning: all encoder parameters + head"))
 register(MethodSpec("head", lesson="00", lr=3e-3, prepare=_prepare_head,
                     description="head only: frozen encoder, linear head on mean-pooled states"))
+
+
+def _prepare_prefix(model: SequenceClassifier) -> None:
+    """Prefix tuning, l=30, reparameterised P = MLP(P') with k=512 (Li & Liang 2021, §4.3); only the prefix and the
+    head train. Inference needs only P: the stored count is the ejected 2·l·d·L (``eject_prefix`` drops the MLP
+    without changing the outputs, within 1e-6)."""
+    from .api import add_adapter, train_adapter
+    from .methods.prefix import PrefixConfig
+
+    add_adapter(model.encoder, PrefixConfig(length=30, hidden=512, reparameterize=True), "prefix")
+    train_adapter(model, "prefix")
+
+
+register(MethodSpec("prefix", lesson="05", lr=2e-3, prepare=_prepare_prefix,
+                    config={"length": 30, "hidden": 512, "reparameterize": True},
+                    description="prefix tuning l=30, reparameterised (k=512), ejected for inference (Li & Liang 2021)"))
