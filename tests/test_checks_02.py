@@ -1,0 +1,87 @@
+"""Lesson 02's checks accept the reference answers and reject plausible wrong ones with a useful message."""
+import pytest
+import torch
+
+from minipeft.checks.lesson02 import (check_lora_forward, check_lora_parameters, check_merge, reference_forward,
+                                      reference_merge)
+
+
+def right_forward(x, W0, b, A, B, alpha, r):
+    return x @ W0.T + b + (alpha / r) * (x @ A.T @ B.T)
+
+
+def right_merge(W0, A, B, alpha, r):
+    return W0 + (alpha / r) * (B @ A)
+
+
+def test_references_pass(capsys):
+    check_lora_forward(right_forward)
+    check_merge(right_merge)
+    check_lora_parameters(lambda d, L, r, n: L * n * r * 2 * d)
+    assert capsys.readouterr().out.count("✔") == 3
+
+
+def test_references_are_the_package_module():
+    g = torch.Generator().manual_seed(3)
+    x, W0, b, A, B = (torch.randn(*s, generator=g) for s in ((2, 4, 6), (5, 6), (5,), (3, 6), (5, 3)))
+    assert torch.allclose(reference_forward(x, W0, b, A, B, 6.0, 3), right_forward(x, W0, b, A, B, 6.0, 3), atol=1e-6)
+    assert torch.allclose(reference_merge(W0, A, B, 6.0, 3), right_merge(W0, A, B, 6.0, 3), atol=1e-6)
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (lambda x, W0, b, A, B, a, r: x @ W0.T + b + x @ A.T @ B.T, "scale α/r is missing"),
+    (lambda x, W0, b, A, B, a, r: x @ W0.T + b + (r / a) * x @ A.T @ B.T, "upside down"),
+    (lambda x, W0, b, A, B, a, r: x @ W0.T + b + a * x @ A.T @ B.T, "divide by the rank r"),
+    (lambda x, W0, b, A, B, a, r: x @ W0.T + b + a / r ** 0.5 * x @ A.T @ B.T, "rsLoRA"),
+    (lambda x, W0, b, A, B, a, r: (a / r) * x @ A.T @ B.T, "frozen part W0 x \\+ b is missing"),
+    (lambda x, W0, b, A, B, a, r: x @ W0.T + (a / r) * x @ A.T @ B.T, "bias b is missing"),
+    (lambda x, W0, b, A, B, a, r: x @ W0.T + b + (a / r) * x @ (B @ A), "product is transposed"),  # runs if square
+    (lambda x, W0, b, A, B, a, r: x @ W0.T + b + (a / r) * x @ B @ A, "product is transposed"),  # B first
+    (lambda x, W0, b, A, B, a, r: x @ W0 + b + (a / r) * x @ A.T @ B.T, "W0 is transposed"),
+    (lambda x, W0, b, A, B, a, r: right_forward(x, W0, b, A, B, a, r).sum(-1), "returned shape"),
+    (lambda x, W0, b, A, B, a, r: 1.01 * right_forward(x, W0, b, A, B, a, r), "wrong output"),
+    (lambda x, W0, b, A, B, a, r: right_forward(x, W0, b, A, B, a, r).tolist(), "should return a tensor"),
+])
+def test_forward_rejects(wrong, message):
+    with pytest.raises(AssertionError, match=message):
+        check_lora_forward(wrong)
+
+
+def in_place(W0, A, B, alpha, r):
+    W0 += (alpha / r) * (B @ A)
+    return W0
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (lambda W0, A, B, a, r: W0 + B @ A, "scale α/r is missing"),
+    (lambda W0, A, B, a, r: W0 + (r / a) * (B @ A), "upside down"),
+    (lambda W0, A, B, a, r: W0 + a * (B @ A), "divide by the rank r"),
+    (lambda W0, A, B, a, r: (a / r) * (B @ A), "only ΔW was returned"),
+    (lambda W0, A, B, a, r: W0 + (a / r) * (A.T @ B.T), "ΔW is transposed"),  # square case
+    (in_place, "changed W0 in place"),
+    (lambda W0, A, B, a, r: 1.01 * right_merge(W0, A, B, a, r), "wrong merged weight"),
+])
+def test_merge_rejects(wrong, message):
+    with pytest.raises(AssertionError, match=message):
+        check_merge(wrong)
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (lambda d, L, r, n: L * n * r * d, "A or B only"),
+    (lambda d, L, r, n: n * r * 2 * d, "multiply by L"),
+    (lambda d, L, r, n: L * r * 2 * d, "number of targets"),
+    (lambda d, L, r, n: L * n * d * d, "each target has A"),
+    (lambda d, L, r, n: float(L * n * r * 2 * d), "numel says"),
+])
+def test_parameters_rejects(wrong, message):
+    with pytest.raises(AssertionError, match=message):
+        check_lora_parameters(wrong)
+
+
+def test_unfilled_exercise_raises_not_implemented():
+    def unfilled(*args, **kwargs):
+        raise NotImplementedError("Exercise: write your solution here")
+
+    for check in (check_lora_forward, check_merge, check_lora_parameters):
+        with pytest.raises(NotImplementedError):
+            check(unfilled)
