@@ -222,6 +222,46 @@ register(MethodSpec("head", lesson="00", lr=3e-3, prepare=_prepare_head,
                     description="head only: frozen encoder, linear head on mean-pooled states"))
 
 
+def _prepare_bottleneck(placement: str, m: int):
+    """Bottleneck adapters h <- h + W_up f(W_down h + b_down) + b_up (Houlsby et al. 2019, §2.1): ``houlsby`` two per
+    layer, ``pfeiffer`` one per layer at the FFN (Pfeiffer et al. 2021); only the adapters and the head train."""
+    def prepare(model: SequenceClassifier) -> None:
+        from .api import add_adapter, train_adapter
+        from .methods.bottleneck import BottleneckConfig
+
+        add_adapter(model, BottleneckConfig(placement=placement, bottleneck=m), placement)
+        train_adapter(model, placement)
+    return prepare
+
+
+register(MethodSpec("houlsby", lesson="01", lr=3e-3, prepare=_prepare_bottleneck("houlsby", 32),
+                    config={"placement": "houlsby", "bottleneck": 32},
+                    description="Houlsby adapters m=32, two per layer (1.33% of MiniLM; Houlsby et al. 2019)"))
+register(MethodSpec("pfeiffer", lesson="01", lr=3e-3, prepare=_prepare_bottleneck("pfeiffer", 64),
+                    config={"placement": "pfeiffer", "bottleneck": 64},
+                    description="Pfeiffer adapter m=64, one per layer at the FFN (1.32% of MiniLM; Pfeiffer et al. 2021)"))
+
+
+def _prepare_parallel(scale):
+    """Parallel adapter on every FFN site, r=96 (1.96% of MiniLM: the largest r within 2%), h ← h + s·A(x)
+    (He et al. 2022, §4.1); only the adapter and the head train."""
+    def prepare(model: SequenceClassifier) -> None:
+        from .api import add_adapter, train_adapter
+        from .methods.parallel import ParallelAdapterConfig
+
+        add_adapter(model.encoder, ParallelAdapterConfig(r=96, placement="ffn", scale=scale), "parallel")
+        train_adapter(model, "parallel")
+    return prepare
+
+
+register(MethodSpec("parallel", lesson="04", lr=2e-3, prepare=_prepare_parallel(1.0),
+                    config={"r": 96, "placement": "ffn", "scale": 1.0},
+                    description="parallel adapter r=96 on the FFN, s=1 (He et al. 2022)"))
+register(MethodSpec("scaled_parallel", lesson="04", lr=2e-3, prepare=_prepare_parallel(4.0),
+                    config={"r": 96, "placement": "ffn", "scale": 4.0},
+                    description="scaled parallel adapter r=96 on the FFN, s=4 (He et al. 2022, §4.1)"))
+
+
 def _prepare_prefix(model: SequenceClassifier) -> None:
     """Prefix tuning, l=30, reparameterised P = MLP(P') with k=512 (Li & Liang 2021, §4.3); only the prefix and the
     head train. Inference needs only P: the stored count is the ejected 2·l·d·L (``eject_prefix`` drops the MLP

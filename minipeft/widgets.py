@@ -186,6 +186,37 @@ register_explorer(ExplorerEntry("head", size_name="labels C", sizes=(2, 3, 5), d
                                 note="head only: d·C + C (a linear probe on the frozen encoder)"))
 
 
+def _bottleneck(per_layer_adapters: int):
+    """Bottleneck adapters: 2md + d + m each (Houlsby et al. 2019, §3.1); Houlsby 2 per layer, Pfeiffer 1."""
+    def per_layer(cfg: EncoderConfig, m: int) -> dict:
+        from .methods.bottleneck import pfeiffer_count
+
+        return with_head(cfg, {f"layer {i}": per_layer_adapters * pfeiffer_count(cfg.hidden_size, 1, m)
+                               for i in range(cfg.num_layers)})
+    return per_layer
+
+
+register_explorer(ExplorerEntry("houlsby", size_name="bottleneck m", sizes=(2, 8, 16, 32, 64, 128, 256), default=32,
+                                per_layer=_bottleneck(2),
+                                note="Houlsby: two adapters per layer (attention and FFN outputs), 2L(2md + d + m)"))
+register_explorer(ExplorerEntry("pfeiffer", size_name="bottleneck m", sizes=(2, 8, 16, 32, 48, 64, 128, 256),
+                                default=64, per_layer=_bottleneck(1),
+                                note="Pfeiffer: one adapter per layer (after the FFN's Add & Norm), L(2md + d + m)"))
+
+
+def _parallel(cfg: EncoderConfig, r: int) -> dict:
+    """Parallel adapter on the FFN: 2rd + r + d per layer (He et al. 2022); s=4 or s=1 cost the same."""
+    from .methods.parallel import parallel_count
+
+    return with_head(cfg, {f"layer {i}": parallel_count(cfg.hidden_size, 1, r) for i in range(cfg.num_layers)})
+
+
+register_explorer(ExplorerEntry("parallel", size_name="bottleneck r", sizes=(8, 16, 32, 64, 96, 128, 256, 512),
+                                default=96, per_layer=_parallel,
+                                note="(scaled) parallel adapter on the FFN: h ← h + s·A(x), x the FFN input; "
+                                     "a fixed s adds no parameters, a learned s one per layer"))
+
+
 def _prefix(cfg: EncoderConfig, l: int) -> dict:
     """Reparameterised prefix at training time: P' (l·d) + MLP (d·k + k + k·2Ld + 2Ld), k = 512 (Li & Liang §4.3)."""
     from .methods.prefix import prefix_training_count
