@@ -204,6 +204,19 @@ register_explorer(ExplorerEntry("pfeiffer", size_name="bottleneck m", sizes=(2, 
                                 note="Pfeiffer: one adapter per layer (after the FFN's Add & Norm), L(2md + d + m)"))
 
 
+def _lora(cfg: EncoderConfig, r: int) -> dict:
+    """LoRA on W_q, W_v: r(d_in + d_out) per matrix, 4rd per layer (Hu et al. 2021, §4.1); merged: 0 extra."""
+    from .methods.lora import lora_count_encoder
+
+    per_layer = lora_count_encoder(cfg, r, ("q", "v")) // cfg.num_layers
+    return with_head(cfg, {f"layer {i}": per_layer for i in range(cfg.num_layers)})
+
+
+register_explorer(ExplorerEntry("lora", size_name="rank r", sizes=(1, 2, 4, 8, 16, 32, 64), default=8, per_layer=_lora,
+                                note="LoRA on W_q, W_v: L·2·r(d + d); merged into the weights after training, "
+                                     "so inference costs nothing extra"))
+
+
 def _parallel(cfg: EncoderConfig, r: int) -> dict:
     """Parallel adapter on the FFN: 2rd + r + d per layer (He et al. 2022); s=4 or s=1 cost the same."""
     from .methods.parallel import parallel_count
