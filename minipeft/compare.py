@@ -242,6 +242,21 @@ register(MethodSpec("pfeiffer", lesson="01", lr=3e-3, prepare=_prepare_bottlenec
                     description="Pfeiffer adapter m=64, one per layer at the FFN (1.32% of MiniLM; Pfeiffer et al. 2021)"))
 
 
+def _prepare_lora(model: SequenceClassifier) -> None:
+    """LoRA r=8, α=16 on W_q, W_v: h = W0 x + (α/r) B A x (Hu et al. 2021, Eq. 3), 0.33% of MiniLM; only A, B and
+    the head train. After training, ``merge_and_unload`` folds it into the weights (no inference cost)."""
+    from .api import add_adapter, train_adapter
+    from .methods.lora import LoRAConfig
+
+    add_adapter(model, LoRAConfig(r=8, alpha=16, targets=["q", "v"]), "lora")
+    train_adapter(model, "lora")
+
+
+register(MethodSpec("lora", lesson="02", lr=2e-3, prepare=_prepare_lora,
+                    config={"r": 8, "alpha": 16, "targets": ["q", "v"]},
+                    description="LoRA r=8, alpha=16 on W_q, W_v (0.33% of MiniLM; Hu et al. 2021), mergeable"))
+
+
 def _prepare_parallel(scale):
     """Parallel adapter on every FFN site, r=96 (1.96% of MiniLM: the largest r within 2%), h ← h + s·A(x)
     (He et al. 2022, §4.1); only the adapter and the head train."""
