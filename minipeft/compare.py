@@ -257,6 +257,27 @@ register(MethodSpec("lora", lesson="02", lr=2e-3, prepare=_prepare_lora,
                     description="LoRA r=8, alpha=16 on W_q, W_v (0.33% of MiniLM; Hu et al. 2021), mergeable"))
 
 
+def _prepare_compacter(name: str):
+    """Compacter (Houlsby placement) / Compacter++ (FFN, Pfeiffer placement), k=24, n=4: adapters whose projections
+    are W = Σ A_i ⊗ s_i t_iᵀ with A shared by all layers (Karimi Mahabadi et al. 2021); adapter + head train."""
+    def prepare(model: SequenceClassifier) -> None:
+        from .api import add_adapter, train_adapter
+        from .methods.compacter import CompacterConfig, CompacterPPConfig
+
+        add_adapter(model, {"compacter": CompacterConfig, "compacter_pp": CompacterPPConfig}[name](bottleneck=24, n=4),
+                    name)
+        train_adapter(model, name)
+    return prepare
+
+
+register(MethodSpec("compacter", lesson="03", lr=3e-3, prepare=_prepare_compacter("compacter"),
+                    config={"bottleneck": 24, "n": 4, "rank": 1, "placement": "houlsby"},
+                    description="Compacter k=24, n=4 (0.065% of MiniLM; Karimi Mahabadi et al. 2021)"))
+register(MethodSpec("compacter_pp", lesson="03", lr=3e-3, prepare=_prepare_compacter("compacter_pp"),
+                    config={"bottleneck": 24, "n": 4, "rank": 1, "placement": "pfeiffer"},
+                    description="Compacter++ k=24, n=4, FFN only (0.033% of MiniLM; Karimi Mahabadi et al. 2021)"))
+
+
 def _prepare_parallel(scale):
     """Parallel adapter on every FFN site, r=96 (1.96% of MiniLM: the largest r within 2%), h ← h + s·A(x)
     (He et al. 2022, §4.1); only the adapter and the head train."""

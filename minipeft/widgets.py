@@ -217,6 +217,26 @@ register_explorer(ExplorerEntry("lora", size_name="rank r", sizes=(1, 2, 4, 8, 1
                                      "so inference costs nothing extra"))
 
 
+def _compacter(sites: int, rank, shared: bool, n: int = 4):
+    """PHM adapters (Karimi Mahabadi et al. 2021, §3.3 + biases): per adapter two PHM layers d->k->d; Compacter
+    (rank 1, one shared A: n³ once), Compacter++ (the same at the FFN only), PHM-Adapter (full B_i, own A)."""
+    def per_layer(cfg: EncoderConfig, k: int) -> dict:
+        from .methods.compacter import phm_adapter_count
+
+        per = phm_adapter_count(cfg.hidden_size, 1, k, n, rank, shared, sites) - (n ** 3 if shared else 0)
+        counts = {"shared A (n³)": n ** 3} if shared else {}
+        return with_head(cfg, {**counts, **{f"layer {i}": per for i in range(cfg.num_layers)}})
+    return per_layer
+
+
+for _name, _args, _note in (
+        ("phm_adapter", (2, None, False), "PHM-Adapter (n=4): Houlsby placement, W = Σ A_i ⊗ B_i, 4L(kd/n + n³) + biases"),
+        ("compacter", (2, 1, True), "Compacter (n=4): B_i = s_i t_iᵀ, A shared by all layers, 4L(k + d) + n³ + biases"),
+        ("compacter_pp", (1, 1, True), "Compacter++ (n=4): Compacter at the FFN only, 2L(k + d) + n³ + biases")):
+    register_explorer(ExplorerEntry(_name, size_name="bottleneck k", sizes=(8, 16, 24, 32, 48, 64, 96), default=24,
+                                    per_layer=_compacter(*_args), note=_note))
+
+
 def _parallel(cfg: EncoderConfig, r: int) -> dict:
     """Parallel adapter on the FFN: 2rd + r + d per layer (He et al. 2022); s=4 or s=1 cost the same."""
     from .methods.parallel import parallel_count

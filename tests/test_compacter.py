@@ -268,3 +268,30 @@ def test_n_that_does_not_divide_the_hidden_size_rolls_back(model):
     with pytest.raises(ValueError, match="does not divide hidden size 384"):
         add_adapter(model, PHMAdapterConfig(bottleneck=None, reduction_factor=7), "a")
     assert model.state_dict().keys() == before and adapter_names(model) == []
+
+
+# ---- registration: compare and the explorer ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["compacter", "compacter_pp"])
+def test_compare_registration_trains_adapter_and_head_only(method):
+    from minipeft.compare import METHODS, build_model
+
+    assert METHODS[method].lesson == "03"
+    model = build_model(method)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == compacter_count(384, 6, 24, 4, sites=2 if method == "compacter" else 1) + 2 * 384 + 2
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("backbone", ["MiniLM-L6", "BERT-base"])
+def test_explorer_entries_match_numel(method, backbone):
+    from minipeft.widgets import BACKBONES, breakdown
+
+    cfg = BACKBONES[backbone]
+    with torch.device("meta"):
+        enc = Encoder(cfg)
+    for k in (8, 48):
+        b = breakdown(method, k, backbone)
+        name = f"a{k}"
+        add_adapter(enc, CONFIGS[method](bottleneck=k, n=4), name)
+        assert b["total"] == parameter_summary(enc, name).adapter + cfg.hidden_size * 2 + 2
