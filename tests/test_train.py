@@ -1,11 +1,11 @@
 """The training loop, the classifier head, budgets, counting and the Result record (real MiniLM, real data)."""
+import copy
 import json
 
 import pytest
 import torch
 from torch import nn
 
-from minipeft.backbones.encoder import Encoder
 from minipeft.train import (Budget, Result, SequenceClassifier, backbone_parameter_count, count_parameters,
                             linear_warmup_decay, seed_everything, stored_parameter_count, train,
                             training_state_bytes)
@@ -13,9 +13,15 @@ from minipeft.train import (Budget, Result, SequenceClassifier, backbone_paramet
 TINY = Budget(max_train=32, max_eval=16, epochs=2, batch_size=16, max_length=16, timing_warmup_steps=1)
 
 
-def head_only(seed=0):
+@pytest.fixture
+def fresh(minilm):
+    """A fresh copy of the pretrained encoder per call (cheaper than reading the checkpoint again)."""
+    return lambda: copy.deepcopy(minilm)
+
+
+def head_only(encoder, seed=0):
     seed_everything(seed)
-    model = SequenceClassifier(Encoder.from_pretrained(), num_labels=2)
+    model = SequenceClassifier(encoder, num_labels=2)
     model.encoder.requires_grad_(False)
     return model
 
@@ -31,7 +37,7 @@ def test_mean_pooling_ignores_padding(minilm, tokenizer, sentences):
             assert torch.allclose(model(alone["input_ids"], alone["attention_mask"])[0], padded[i], atol=1e-5)
 
 
-def test_bad_arguments_are_explained(minilm):
+def test_bad_arguments_are_explained(minilm, fresh):
     with pytest.raises(ValueError, match="pooling 'max' not supported; allowed"):
         SequenceClassifier(minilm, 2, pooling="max")
     with pytest.raises(ValueError, match="num_labels must be an integer >= 2"):
@@ -41,11 +47,11 @@ def test_bad_arguments_are_explained(minilm):
     with pytest.raises(ValueError, match="warmup_ratio must be in"):
         Budget(warmup_ratio=1.5)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        train(SequenceClassifier(minilm, 2).requires_grad_(False), "sentiment", 1e-3, TINY, quiet=True)
+        train(SequenceClassifier(fresh(), 2).requires_grad_(False), "sentiment", 1e-3, TINY, quiet=True)
 
 
-def test_wrong_number_of_labels_is_caught():
-    model = head_only()
+def test_wrong_number_of_labels_is_caught(fresh):
+    model = head_only(fresh())
     with pytest.raises(ValueError, match="task has 5 labels but the model's head has 2 outputs"):
         train(model, "topic", 1e-3, TINY, quiet=True)
 
@@ -65,15 +71,15 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert f(4) == 1.0 and f(7) == pytest.approx(0.5) and f(10) == 0.0
 
 
-def test_head_only_training_is_seeded_and_touches_only_the_head():
-    model = head_only(seed=0)
+def test_head_only_training_is_seeded_and_touches_only_the_head(fresh):
+    model = head_only(fresh(), seed=0)
     frozen_before = model.encoder.layers[0].attn.q.weight.clone()
     head_before = model.head.weight.clone()
     a = train(model, "sentiment", 3e-3, TINY, seed=0, method="head", quiet=True)
     assert torch.equal(model.encoder.layers[0].attn.q.weight, frozen_before)
     assert not torch.equal(model.head.weight, head_before)
-    b = train(head_only(seed=0), "sentiment", 3e-3, TINY, seed=0, method="head", quiet=True)
-    c = train(head_only(seed=1), "sentiment", 3e-3, TINY, seed=1, method="head", quiet=True)
+    b = train(head_only(fresh(), seed=0), "sentiment", 3e-3, TINY, seed=0, method="head", quiet=True)
+    c = train(head_only(fresh(), seed=1), "sentiment", 3e-3, TINY, seed=1, method="head", quiet=True)
     assert a.losses == b.losses and a.val_acc == b.val_acc and a.test_acc == b.test_acc
     assert a.losses != c.losses
     assert a.steps == 4 and len(a.val_acc) == 2 and 0.0 <= a.test_acc <= 1.0
@@ -89,9 +95,9 @@ def test_head_only_training_is_seeded_and_touches_only_the_head():
         Result.from_dict({"task": "sentiment"})
 
 
-def test_full_fine_tuning_changes_the_encoder():
+def test_full_fine_tuning_changes_the_encoder(fresh):
     seed_everything(0)
-    model = SequenceClassifier(Encoder.from_pretrained(), 2)
+    model = SequenceClassifier(fresh(), 2)
     before = model.encoder.layers[3].ffn.ffn_in.weight.clone()
     r = train(model, "sentiment", 1e-4, Budget(max_train=16, max_eval=8, epochs=1, batch_size=16, max_length=16),
               method="full", quiet=True)
