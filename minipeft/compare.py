@@ -279,7 +279,7 @@ register(MethodSpec("compacter_pp", lesson="03", lr=3e-3, prepare=_prepare_compa
 
 
 def _prepare_parallel(scale):
-    """Parallel adapter on every FFN site, r=96 (1.96% of MiniLM: the largest r within 2%), h ← h + s·A(x)
+    """Parallel adapter on every FFN site, r=96 (with the head 1.98% of MiniLM, within 2%), h ← h + s·A(x)
     (He et al. 2022, §4.1); only the adapter and the head train."""
     def prepare(model: SequenceClassifier) -> None:
         from .api import add_adapter, train_adapter
