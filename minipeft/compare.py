@@ -80,8 +80,11 @@ def build_model(spec: MethodSpec | str, task: str = "sentiment", seed: int = 0, 
 
 
 def run_comparison(methods=None, task: str = "sentiment", seeds=(0,), budget: Budget | None = None,
-                   quiet: bool = False) -> list[Result]:
-    """Train each method (all registered ones by default) once per seed with the same budget."""
+                   quiet: bool = False, on_result: Callable[[list[Result]], None] | None = None) -> list[Result]:
+    """Train each method (all registered ones by default) once per seed with the same budget.
+
+    ``on_result(results_so_far)`` is called after each run (``main`` writes the files then, so a crash or an
+    interrupt keeps what finished)."""
     budget = budget or Budget.from_env()
     specs = [get_method(m) for m in (methods or list(METHODS))]
     results = []
@@ -90,6 +93,8 @@ def run_comparison(methods=None, task: str = "sentiment", seeds=(0,), budget: Bu
             model = build_model(spec, task, seed)
             results.append(train(model, task, spec.lr, budget, seed=seed, method=spec.name,
                                  config=spec.config, quiet=quiet))
+            if on_result is not None:
+                on_result(results)
             if not quiet:
                 r = results[-1]
                 print(f"{spec.name} seed {seed}: test acc {r.test_acc:.3f}, {r.trainable_pct:.3g}% trained, "
@@ -195,8 +200,9 @@ def main(argv=None) -> list[Result]:
     for m in args.methods or []:
         get_method(m)  # fail before any training
     budget = Budget.fast() if args.fast else Budget.from_env()
-    results = run_comparison(args.methods, args.task, args.seeds, budget, quiet=args.quiet)
     command = "python -m minipeft compare" + ("" if not argv else " " + shlex.join(argv))
+    results = run_comparison(args.methods, args.task, args.seeds, budget, quiet=args.quiet,
+                             on_result=lambda rs: write_results(rs, args.out, command))
     paths = write_results(results, args.out, command)
     print(markdown_table(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
