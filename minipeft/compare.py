@@ -156,21 +156,26 @@ def plot(results: list[Result], path: Path) -> None:
     plt.close(fig)
 
 
-def write_results(results: list[Result], out_dir, command: str) -> dict[str, Path]:
-    """Write comparison.json / .md / .png into ``out_dir``; return their paths."""
+def write_results(results: list[Result], out_dir, command: str, planned: int | None = None) -> dict[str, Path]:
+    """Write comparison.json / .md / .png into ``out_dir``; return their paths.
+
+    ``planned``: the number of runs the command was to make; when fewer finished, the files say so."""
     if not results:
         raise ValueError("no results to write")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / f"comparison.{k}" for k in ("json", "md", "png")}
     r0 = results[0]
-    paths["json"].write_text(json.dumps({"command": command, "task": r0.task, "budget": r0.budget,
+    partial = planned is not None and len(results) < planned
+    status = f"partial: {len(results)} of {planned} runs finished" if partial else "complete"
+    paths["json"].write_text(json.dumps({"command": command, "status": status, "task": r0.task, "budget": r0.budget,
                                          "versions": r0.versions, "results": [r.to_dict() for r in results]},
                                         indent=1) + "\n")
     budget = ", ".join(f"{k}={v}" for k, v in r0.budget.items())
     versions = ", ".join(f"{k} {v}" for k, v in r0.versions.items())
     paths["md"].write_text(
-        f"# Comparison on `{r0.task}`\n\n{markdown_table(results)}\n"
+        f"# Comparison on `{r0.task}`\n\n" + (f"**Partial results: {len(results)} of {planned} runs finished.**\n\n"
+                                                if partial else "") + f"{markdown_table(results)}\n"
         f"Seeds: {sorted({r.seed for r in results})}; accuracies are the mean (± std over seeds). "
         "`% of backbone` = trainable / parameters of the frozen encoder (the head counts as trainable). "
         f"Peak memory: {r0.memory_measure}; the last column is the formula 4·(N + 3·N_trainable) bytes.\n\n"
@@ -201,8 +206,9 @@ def main(argv=None) -> list[Result]:
         get_method(m)  # fail before any training
     budget = Budget.fast() if args.fast else Budget.from_env()
     command = "python -m minipeft compare" + ("" if not argv else " " + shlex.join(argv))
+    planned = len(args.methods or METHODS) * len(args.seeds)
     results = run_comparison(args.methods, args.task, args.seeds, budget, quiet=args.quiet,
-                             on_result=lambda rs: write_results(rs, args.out, command))
+                             on_result=lambda rs: write_results(rs, args.out, command, planned))
     paths = write_results(results, args.out, command)
     print(markdown_table(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
