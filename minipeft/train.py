@@ -329,7 +329,8 @@ def train(model: SequenceClassifier, task, lr: float, budget: Budget | None = No
 
     losses, step_times, val_acc = [], [], []
     start = time.perf_counter()
-    bar = tqdm(total=total, disable=quiet, desc=f"{method or 'train'} on {task_name}", mininterval=2.0)
+    bar = tqdm(total=total, disable=quiet, desc=f"{method or 'train'} on {task_name}", mininterval=2.0,
+               miniters=max(1, total // 20))  # at most ~20 updates: notebooks store every one
     with PeakMemory(device) as mem:
         for _ in range(budget.epochs):
             for batch in train_dl:
