@@ -321,6 +321,6 @@ def _prepare_prefix(model: SequenceClassifier) -> None:
     train_adapter(model, "prefix")
 
 
-register(MethodSpec("prefix", lesson="05", lr=2e-3, prepare=_prepare_prefix,
+register(MethodSpec("prefix", lesson="05", lr=1e-3, prepare=_prepare_prefix,
                     config={"length": 30, "hidden": 512, "reparameterize": True},
                     description="prefix tuning l=30, reparameterised (k=512), ejected for inference (Li & Liang 2021)"))
