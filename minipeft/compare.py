@@ -202,8 +202,9 @@ def main(argv=None) -> list[Result]:
     p.add_argument("--out", default="results", help="output folder (default results/)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    for m in args.methods or []:
-        get_method(m)  # fail before any training
+    unknown = [m for m in args.methods or [] if m not in METHODS]
+    if unknown:  # fail before any training
+        p.error(f"unknown method(s) {unknown}; registered methods: {sorted(METHODS)}")
     budget = Budget.fast() if args.fast else Budget.from_env()
     command = "python -m minipeft compare" + ("" if not argv else " " + shlex.join(argv))
     planned = len(args.methods or METHODS) * len(args.seeds)

@@ -16,8 +16,8 @@ def test_full_and_head_counts():
 
 
 def test_bad_choices_are_explained():
-    with pytest.raises(ValueError, match="unknown method 'lora'; in the explorer"):
-        breakdown("lora")
+    with pytest.raises(ValueError, match="unknown method 'no_such_method'; in the explorer"):
+        breakdown("no_such_method")
     with pytest.raises(ValueError, match="labels C must be one of"):
         breakdown("head", 7)
     with pytest.raises(ValueError, match="unknown backbone"):
