@@ -147,6 +147,7 @@ def plot(results: list[Result], path: Path) -> None:
         ax.errorbar([x], [m], yerr=[s] if s else None, fmt="o", capsize=3, label=row["method"])
         ax.annotate(row["method"], (x, m), textcoords="offset points", xytext=(5, 5))
     ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.1)  # room for the labels
     ax.set_xlabel("trainable parameters, % of the frozen backbone (log)")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"{results[0].task}: accuracy vs parameters trained")
