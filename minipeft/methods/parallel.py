@@ -4,7 +4,7 @@ Parameter-Efficient Transfer Learning", Table 1 and §3-§4.1).
 A sequential adapter (Houlsby, Pfeiffer) rewrites a sublayer's *output*: h ← h + A(h). The parallel adapter
 computes its change from the sublayer's *input* x, side by side with the sublayer:
 
-    h ← h + s · A(x),   A(x) = W_up f(W_down x + b_down) + b_up          He et al. 2022, Table 1 ("PA"), Eq. 6-8
+    h ← h + s · A(x),   A(x) = W_up f(W_down x + b_down) + b_up          He et al. 2022, §3, Table 1 ("PA")
 
 x is the sublayer's input, h its output before residual + LayerNorm, so the site computes out = LN(x + h + s·A(x)).
 s = 1 is the plain parallel adapter (PA); s = 4 the paper's scaled PA (§4.1, Table 5: s=4 > s=1); ``"learned"``
