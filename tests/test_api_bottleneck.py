@@ -41,7 +41,7 @@ def test_counts_bert_base(bert_base_sized, placement, m, expected, formula):
 
 
 def test_reduction_factor_16_is_pfeiffer_48(bert_base_sized):
-    add_adapter(bert_base_sized, BottleneckConfig(placement="pfeiffer", bottleneck=None, reduction_factor=16), "a")
+    add_adapter(bert_base_sized, BottleneckConfig(placement="pfeiffer", reduction_factor=16), "a")
     assert parameter_summary(bert_base_sized, "a").adapter == 894_528
 
 
@@ -169,7 +169,7 @@ def test_generic_modules_placement_equals_houlsby_on_transformers_bert(model, ba
     (dict(activation="softmax"), r"unknown activation 'softmax'; allowed: \['gelu'"),
     (dict(placement="middle"), "unknown placement 'middle'; allowed"),
     (dict(init="zeros"), "unknown init"),
-    (dict(bottleneck=None), "exactly one of bottleneck"),
+    (dict(bottleneck=8, reduction_factor=4), "one of bottleneck .* not both"),
     (dict(placement="modules"), "targets=.* is required")])
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -189,7 +189,7 @@ def test_name_already_used_leaves_model_unchanged(model):
 def test_reduction_factor_that_does_not_divide_rolls_back(model):
     before = state(model)
     with pytest.raises(ValueError, match="does not divide hidden size 384"):
-        add_adapter(model, BottleneckConfig(bottleneck=None, reduction_factor=7), "a")
+        add_adapter(model, BottleneckConfig(reduction_factor=7), "a")
     assert state(model).keys() == before.keys() and adapter_names(model) == []
 
 

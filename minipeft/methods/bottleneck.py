@@ -28,12 +28,12 @@ INITS = ("near_identity", "identity")
 @register_method
 @dataclass
 class BottleneckConfig(AdapterConfig):
-    """``bottleneck`` m, or ``reduction_factor`` (m = d / factor). ``init``: near_identity draws W_down, W_up
+    """``bottleneck`` m, or ``reduction_factor`` (m = d / factor); neither: m = 64. ``init``: near_identity draws W_down, W_up
     from a normal with std ``init_std`` truncated at 2σ (Houlsby §3.6), biases 0; identity also zeroes W_up."""
 
     method = "bottleneck"
     placement: str = "houlsby"
-    bottleneck: int | None = 64
+    bottleneck: int | None = None
     reduction_factor: int | None = None
     activation: str = "relu"
     init: str = "near_identity"
@@ -48,8 +48,10 @@ class BottleneckConfig(AdapterConfig):
             raise ValueError(f"unknown activation {self.activation!r}; allowed: {sorted(ACTIVATIONS)}")
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}; allowed: {INITS}")
-        if (self.bottleneck is None) == (self.reduction_factor is None):
-            raise ValueError("give exactly one of bottleneck (m) or reduction_factor (m = d / factor)")
+        if self.bottleneck is not None and self.reduction_factor is not None:
+            raise ValueError("give one of bottleneck (m) or reduction_factor (m = d / factor), not both")
+        if self.bottleneck is None and self.reduction_factor is None:
+            self.bottleneck = 64
         for key in ("bottleneck", "reduction_factor"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value <= 0):
