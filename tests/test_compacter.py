@@ -261,12 +261,18 @@ def test_bad_config(kwargs, message):
         CompacterConfig(**kwargs)
 
 
+def test_default_and_reduction_factor():
+    assert CompacterConfig().bottleneck == 24 and CompacterConfig(reduction_factor=16).size(384) == 24
+    with pytest.raises(ValueError, match="not both"):
+        CompacterConfig(bottleneck=24, reduction_factor=16)
+
+
 def test_n_that_does_not_divide_the_hidden_size_rolls_back(model):
     before = model.state_dict().keys()
     with pytest.raises(ValueError, match="n=5 must divide both dimensions.*in_features=384"):
-        add_adapter(model, CompacterConfig(bottleneck=None, reduction_factor=24, n=5), "a")  # k = 16, d = 384
+        add_adapter(model, CompacterConfig(reduction_factor=24, n=5), "a")  # k = 16, d = 384
     with pytest.raises(ValueError, match="does not divide hidden size 384"):
-        add_adapter(model, PHMAdapterConfig(bottleneck=None, reduction_factor=7), "a")
+        add_adapter(model, PHMAdapterConfig(reduction_factor=7), "a")
     assert model.state_dict().keys() == before and adapter_names(model) == []
 
 

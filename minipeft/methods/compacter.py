@@ -33,19 +33,22 @@ from .phm import PHMLinear, new_phm_rule, phm_layer_count
 @register_method
 @dataclass
 class PHMAdapterConfig(BottleneckConfig):
-    """A bottleneck adapter with PHM projections. Fields of ``BottleneckConfig`` plus ``n`` (Kronecker
+    """A bottleneck adapter with PHM projections (k = 24 unless ``bottleneck`` or ``reduction_factor`` is given).
+    Fields of ``BottleneckConfig`` plus ``n`` (Kronecker
     products; divides d and k), ``rank`` (None: full B_i; r: B_i = s_i t_iᵀ) and ``shared_A`` (one A for the
     whole adapter). ``init_std`` is the std of A's normal init (B, s, t: Glorot uniform, biases 0);
     ``init="identity"`` also zeroes the up projection's B (or t), so the model starts exactly as the base."""
 
     method = "phm_adapter"
-    bottleneck: int | None = 24
+    bottleneck: int | None = None  # neither bottleneck nor reduction_factor given: k = 24
     activation: str = "gelu"
     n: int = 4
     rank: int | None = None
     shared_A: bool = False
 
     def __post_init__(self):
+        if self.bottleneck is None and self.reduction_factor is None:
+            self.bottleneck = 24
         super().__post_init__()
         if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
             raise ValueError(f"n (the number of Kronecker products) must be a positive integer, got {self.n!r}")
