@@ -218,7 +218,8 @@ class Encoder(nn.Module):
         for module in self.prefixes.values():
             if getattr(module, "active", True):
                 for i, kv in enumerate(module()):
-                    per_layer[i].append(kv)
+                    if kv is not None:
+                        per_layer[i].append(kv)
         return [None if not kvs else tuple(torch.cat(t, dim=-2) for t in zip(*kvs)) for kvs in per_layer]
 
     # ---- loading pretrained weights ---------------------------------------------------------------------
