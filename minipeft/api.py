@@ -323,6 +323,9 @@ def _output_delta_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -
 
 def add_output_delta(target: nn.Module, name: str, delta: AdapterModule) -> None:
     """Make ``target``'s output a site: its output h becomes h + delta(x, h, None), x its first input."""
+    if isinstance(target, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        raise TypeError(f"cannot make a {type(target).__name__}'s output a site (a child module would become one "
+                        "of its layers); target its last layer instead")
     if not hasattr(target, "output_deltas"):
         target.output_deltas = nn.ModuleDict()
         target.register_forward_hook(_output_delta_hook)

@@ -224,3 +224,10 @@ def test_delete_adapter(model, batch):
     assert adapter_names(model) == [] and torch.equal(run(model, batch), base)
     with pytest.raises(KeyError, match="no adapter named 'a'"):
         delete_adapter(model, "a")
+
+
+def test_generic_placement_refuses_containers():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="target its last layer instead"):
+        add_adapter(net, BottleneckConfig(placement="modules", bottleneck=2, targets=[""], hidden_size=4), "a")
+    assert adapter_names(net) == [] and len(net) == 3
