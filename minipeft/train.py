@@ -133,8 +133,10 @@ def stored_parameter_count(model: nn.Module) -> int:
 
     def visit(m: nn.Module) -> int:
         if m is not model and callable(getattr(m, "stored_parameter_count", None)):
+            # a tensor shared with an already counted module (e.g. Compacter's shared A_i) counts once
+            shared = sum(p.numel() for p in m.parameters() if id(p) in seen)
             seen.update(id(p) for p in m.parameters())
-            return int(m.stored_parameter_count())
+            return max(0, int(m.stored_parameter_count()) - shared)
         n = 0
         for p in m.parameters(recurse=False):
             if p.requires_grad and id(p) not in seen:

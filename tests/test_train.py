@@ -122,6 +122,11 @@ def test_counting_and_the_stored_parameter_hook(bert_base_sized):
     assert stored_parameter_count(model) == 15 + 10
     model[0].requires_grad_(False)
     assert stored_parameter_count(model) == 10
+    shared = nn.Parameter(torch.zeros(7))
+    a, b = Ejectable(), Ejectable()
+    a.shared = b.shared = shared
+    a.stored_parameter_count = b.stored_parameter_count = lambda: 10 + 7
+    assert stored_parameter_count(nn.Sequential(a, b)) == 10 + 10 + 7  # the shared tensor once
     assert backbone_parameter_count(bert_base_sized) == 108_891_648  # BERT-base without its pooler
     assert training_state_bytes(10, 4) == 4 * (10 + 12)
     with pytest.raises(ValueError, match="trainable_params <= total_params"):
