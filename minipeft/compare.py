@@ -274,7 +274,8 @@ register(MethodSpec("lora", lesson="02", lr=2e-3, prepare=_prepare_lora,
 def _prepare_compacter(name: str):
     """Compacter (Houlsby placement) / Compacter++ (FFN, Pfeiffer placement), k=24, n=4: adapters whose projections
     are W = Σ A_i ⊗ s_i t_iᵀ with A shared by all layers (Karimi Mahabadi et al. 2021); adapter + head train.
-    lr 1e-2: lesson 03's sweep (1e-3 / 3e-3 / 1e-2, short budget) favoured 1e-2 over the paper's 3e-3."""
+    lr 3e-3 as in the paper (and in results/ and lesson 03's full run); a short probe (640 examples, 1 epoch) gave
+    validation 0.620 / 0.678 / 0.750 at 1e-3 / 3e-3 / 1e-2, so 1e-2 is worth a try on the full budget."""
     def prepare(model: SequenceClassifier) -> None:
         from .api import add_adapter, train_adapter
         from .methods.compacter import CompacterConfig, CompacterPPConfig
@@ -285,10 +286,10 @@ def _prepare_compacter(name: str):
     return prepare
 
 
-register(MethodSpec("compacter", lesson="03", lr=1e-2, prepare=_prepare_compacter("compacter"),
+register(MethodSpec("compacter", lesson="03", lr=3e-3, prepare=_prepare_compacter("compacter"),
                     config={"bottleneck": 24, "n": 4, "rank": 1, "placement": "houlsby"},
                     description="Compacter k=24, n=4 (0.065% of MiniLM; Karimi Mahabadi et al. 2021)"))
-register(MethodSpec("compacter_pp", lesson="03", lr=1e-2, prepare=_prepare_compacter("compacter_pp"),
+register(MethodSpec("compacter_pp", lesson="03", lr=3e-3, prepare=_prepare_compacter("compacter_pp"),
                     config={"bottleneck": 24, "n": 4, "rank": 1, "placement": "pfeiffer"},
                     description="Compacter++ k=24, n=4, FFN only (0.033% of MiniLM; Karimi Mahabadi et al. 2021)"))
 
