@@ -31,6 +31,10 @@ class AdapterModule(nn.Module):
         super().__init__()
         self.adapter_name, self.active = adapter_name, True
 
+    def on_delete(self) -> None:
+        """Called by ``delete_adapter`` just before removal: undo what the module changed outside itself
+        (a merged LoRA takes its ΔW back out of the base weight). Default: nothing."""
+
     def stored_parameter_count(self) -> int:
         """Parameters that must be saved for inference (methods with a training-only part override it)."""
         return sum(p.numel() for p in self.parameters())
@@ -132,6 +136,7 @@ def delete_adapter(model: nn.Module, name: str, missing_ok: bool = False) -> Non
     removed = False
     for module in list(model.modules()):
         if isinstance(module, nn.ModuleDict) and isinstance(module._modules.get(name), AdapterModule):
+            module[name].on_delete()
             del module[name]
             removed = True
     if not removed and not missing_ok:

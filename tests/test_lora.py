@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from minipeft import (Encoder, activate, add_adapter, deactivate, load_adapter, parameter_summary, save_adapter,
-                      set_active, train_adapter)
+from minipeft import (Encoder, activate, add_adapter, deactivate, delete_adapter, load_adapter, parameter_summary,
+                      save_adapter, set_active, train_adapter)
 from minipeft.api import AdapterModule
 from minipeft.methods.lora import (LoRAConfig, LoRALinear, lora_count, lora_count_encoder, lora_layers,
                                    merge_adapter, merge_and_unload, unmerge_adapter)
@@ -208,6 +208,12 @@ def test_deactivating_a_merged_adapter_unmerges_it(trained, batch, minilm):
     activate(trained, "a")
     assert not torch.allclose(run(trained, batch), base, atol=1e-3)
 
+
+
+def test_deleting_a_merged_adapter_restores_W0(trained, minilm):
+    merge_adapter(trained, "a")
+    delete_adapter(trained, "a")
+    assert max((v - minilm.state_dict()[k]).abs().max() for k, v in trained.state_dict().items()) < 1e-6
 
 def test_merge_and_unload_gives_a_plain_model(trained, batch, minilm):
     expected = run(trained, batch)

@@ -137,6 +137,11 @@ class LoRALinear(AdapterModule):
         self.base_layer.weight -= self.delta_weight()
         self.merged = False
 
+    def on_delete(self) -> None:
+        """Deleting a merged LoRA takes its ΔW out of the base weight first."""
+        if self.merged:
+            self.unmerge()
+
     def extra_repr(self) -> str:
         b = self.base_layer
         return f"r={self.r}, scale={self.scale:g}, {b.in_features}->{b.out_features}, merged={self.merged}"
