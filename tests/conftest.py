@@ -37,3 +37,17 @@ def bert_base_sized():
 
     torch.manual_seed(0)
     return Encoder(EncoderConfig())
+
+
+@pytest.fixture
+def model(minilm):
+    """A private copy of the pretrained encoder, free to modify."""
+    import copy
+
+    return copy.deepcopy(minilm)
+
+
+@pytest.fixture(scope="session")
+def batch(tokenizer, sentences):
+    """The real sentences, tokenised and padded."""
+    return tokenizer(sentences, padding=True, return_tensors="pt")

@@ -8,25 +8,7 @@ import torch
 from minipeft import (BottleneckConfig, Encoder, activate, add_adapter, adapter_names, deactivate, delete_adapter,
                       load_adapter, parameter_summary, save_adapter, set_active, train_adapter)
 from minipeft.methods.bottleneck import houlsby_count, pfeiffer_count
-
-
-@pytest.fixture
-def model(minilm):
-    return copy.deepcopy(minilm)
-
-
-@pytest.fixture(scope="module")
-def batch(tokenizer, sentences):
-    return tokenizer(sentences, padding=True, return_tensors="pt")
-
-
-def run(model, batch):
-    with torch.no_grad():
-        return model(batch["input_ids"], batch["attention_mask"])
-
-
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
+from helpers import run, state
 
 
 # ---- counts: closed form vs numel on a BERT-base-sized encoder ------------------------------------------------

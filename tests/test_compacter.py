@@ -12,23 +12,9 @@ from minipeft.methods.bottleneck import houlsby_count, pfeiffer_count
 from minipeft.methods.compacter import (CompacterConfig, CompacterPPConfig, PHMAdapterConfig, compacter_count,
                                         paper_compacter_count, paper_phm_adapter_count, phm_adapter_count)
 from minipeft.methods.phm import PHMLinear, kron_sum, kron_sum_reference, phm_apply_factored, phm_layer_count
+from helpers import run
 
 CONFIGS = {"phm_adapter": PHMAdapterConfig, "compacter": CompacterConfig, "compacter_pp": CompacterPPConfig}
-
-
-@pytest.fixture
-def model(minilm):
-    return copy.deepcopy(minilm)
-
-
-@pytest.fixture(scope="module")
-def batch(tokenizer, sentences):
-    return tokenizer(sentences, padding=True, return_tensors="pt")
-
-
-def run(model, batch):
-    with torch.no_grad():
-        return model(batch["input_ids"], batch["attention_mask"])
 
 
 def phm_layers(model, name):

@@ -10,25 +10,7 @@ from minipeft import (Encoder, activate, add_adapter, deactivate, delete_adapter
 from minipeft.api import AdapterModule
 from minipeft.methods.lora import (LoRAConfig, LoRALinear, lora_count, lora_count_encoder, lora_layers,
                                    merge_adapter, merge_and_unload, unmerge_adapter)
-
-
-@pytest.fixture
-def model(minilm):
-    return copy.deepcopy(minilm)
-
-
-@pytest.fixture(scope="module")
-def batch(tokenizer, sentences):
-    return tokenizer(sentences, padding=True, return_tensors="pt")
-
-
-def run(model, batch):
-    with torch.no_grad():
-        return model(batch["input_ids"], batch["attention_mask"])
-
-
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
+from helpers import run, state
 
 
 def gap(a, b, batch):

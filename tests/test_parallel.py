@@ -11,25 +11,7 @@ from minipeft.api import METHODS
 from minipeft.methods.bottleneck import pfeiffer_count
 from minipeft.methods.parallel import (FusedParallelFFN, ParallelAdapterConfig, ScaledParallelAdapterConfig,
                                        fuse_parallel_ffn, parallel_count, rank_for_budget)
-
-
-@pytest.fixture
-def model(minilm):
-    return copy.deepcopy(minilm)
-
-
-@pytest.fixture(scope="module")
-def batch(tokenizer, sentences):
-    return tokenizer(sentences, padding=True, return_tensors="pt")
-
-
-def run(model, batch):
-    with torch.no_grad():
-        return model(batch["input_ids"], batch["attention_mask"])
-
-
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
+from helpers import run, state
 
 
 def randomise(model, name):

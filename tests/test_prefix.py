@@ -13,16 +13,6 @@ from minipeft.methods.prefix import (Prefix, PrefixConfig, eject_prefix, prefix_
                                      prefix_training_count)
 
 
-@pytest.fixture
-def model(minilm):
-    return copy.deepcopy(minilm)
-
-
-@pytest.fixture(scope="module")
-def batch(tokenizer, sentences):
-    return tokenizer(sentences, padding=True, return_tensors="pt")
-
-
 def run(model, input_ids, attention_mask=None):
     with torch.no_grad():
         return model(input_ids, attention_mask)
