@@ -11,13 +11,12 @@ Two clocks: wall time (``interleaved_medians``) and this process's CPU time (``t
 recorded around the same calls. On a machine shared with other jobs the wall time measures the queue as much as
 the work; the CPU time is the steadier of the two there.
 """
-import argparse
 import copy
 import statistics
 import time
 
 import torch
-from common import freeze_to_floor, interleaved_medians, pin_threads, real_batch, training_step
+from common import bench_arguments, freeze_to_floor, interleaved_medians, pin_threads, real_batch, training_step
 
 from minipeft import BottleneckConfig, Encoder, add_adapter, train_adapter
 from minipeft.train import SequenceClassifier
@@ -27,11 +26,7 @@ ADAPTERS = {"houlsby m=32": BottleneckConfig(placement="houlsby", bottleneck=32)
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap = bench_arguments()
     args = ap.parse_args()
     pin_threads(args.threads)
     batch = real_batch(args.batch, args.seq)

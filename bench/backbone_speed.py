@@ -3,10 +3,9 @@
     .venv/bin/python bench/backbone_speed.py  [--batch 32 --seq 64 --threads 2 --repeats 20]
 Target: ours / theirs <= 1.05 for both.
 """
-import argparse
 
 import torch
-from common import interleaved_medians, pin_threads, real_batch
+from common import bench_arguments, interleaved_medians, pin_threads, real_batch
 from transformers import BertModel
 from transformers.utils import logging
 
@@ -15,11 +14,7 @@ from minipeft.backbones.encoder import Encoder
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap = bench_arguments()
     args = ap.parse_args()
     pin_threads(args.threads)
     logging.set_verbosity_error()

@@ -5,6 +5,7 @@ comparable across runs). Each timed function is interleaved with the others, rou
 """
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
@@ -12,6 +13,16 @@ import time
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def bench_arguments(repeats: int = 20) -> argparse.ArgumentParser:
+    """The options every benchmark shares (a script adds its own): batch, seq, threads, repeats."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    return ap
 
 
 def pin_threads(n: int = 2) -> None:

@@ -6,13 +6,12 @@ other jobs share the machine (use --threads 1 for the cleanest CPU-time numbers)
     cd bench && ../.venv/bin/python compacter_speed.py  [--batch 32 --seq 64 --threads 2 --repeats 20]
 Targets: Compacter training step / floor <= 1.2 (issue 8); the PHM layer vs dense is printed, no target.
 """
-import argparse
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-from common import freeze_to_floor, pin_threads, real_batch, training_step
+from common import bench_arguments, freeze_to_floor, pin_threads, real_batch, training_step
 from torch import nn
 
 from minipeft import add_adapter, train_adapter
@@ -72,11 +71,7 @@ def layer_options(d_in, d_out, n, rank, tokens, repeats):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap = bench_arguments()
     ap.add_argument("--k", type=int, default=24, help="bottleneck")
     ap.add_argument("--n", type=int, default=4)
     args = ap.parse_args()

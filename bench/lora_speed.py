@@ -8,11 +8,10 @@
 (2) eval mode, no_grad, batch 1 and 32: base model; LoRA unmerged; merged (modules kept, so it can unmerge);
     merge_and_unload (a plain model). Target merged / base <= 1.02 (Hu et al. 2021, §4.1: no added latency).
 """
-import argparse
 import copy
 
 import torch
-from common import freeze_to_floor, interleaved_medians, pin_threads, real_batch, training_step
+from common import bench_arguments, freeze_to_floor, interleaved_medians, pin_threads, real_batch, training_step
 from torch import nn
 from transformers import BertModel
 from transformers.utils import logging
@@ -79,11 +78,7 @@ def latencies(batch, repeats):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap = bench_arguments()
     args = ap.parse_args()
     pin_threads(args.threads)
     logging.set_verbosity_error()
