@@ -24,7 +24,7 @@ def test_references_pass(capsys):
     (lambda m, trainable_only=False: len(list(m.parameters())), "number of parameter \\*tensors\\*"),
     (lambda m, trainable_only=False: count_parameters(m), "counts frozen parameters too"),
     (lambda m, trainable_only=False: sum(t.numel() for t in m.state_dict().values()), "includes buffers"),
-    (lambda m, trainable_only=False: float(count_parameters(m, trainable_only)), "should return an int"),
+    (lambda m, trainable_only=False: float(count_parameters(m, trainable_only)), "return an integer count"),
 ])
 def test_count_parameters_rejects(wrong, message):
     with pytest.raises(AssertionError, match=message):
@@ -35,7 +35,8 @@ def test_count_parameters_rejects(wrong, message):
     (lambda cfg: formula(cfg, drop="the biases"), "exactly the biases of the linear layers.*leave it out"),
     (lambda cfg: formula(cfg, drop="the LayerNorms"), "exactly the LayerNorms"),
     (lambda cfg: formula(cfg, drop="the position"), "exactly the position embeddings"),
-    (lambda cfg: formula(cfg, extra=cfg.hidden_size ** 2 + cfg.hidden_size), "a pooler"),
+    (lambda cfg: formula(cfg, drop="the LayerNorms", extra=2 * cfg.hidden_size * 2 * cfg.num_layers),
+     "exactly the embeddings' LayerNorm"),
     (lambda cfg: 12 * cfg.num_layers * cfg.hidden_size ** 2, "numel says"),  # the rule of thumb 12·L·d²
 ])
 def test_encoder_formula_rejects(wrong, message):
@@ -52,6 +53,34 @@ def test_encoder_formula_rejects(wrong, message):
 def test_training_memory_rejects(wrong, message):
     with pytest.raises(AssertionError, match=message):
         check_training_memory(wrong)
+
+
+def test_encoder_formula_pooler_hint_says_it_does_not_belong():
+    with pytest.raises(AssertionError) as info:
+        check_encoder_formula(lambda cfg: formula(cfg, extra=cfg.hidden_size ** 2 + cfg.hidden_size))
+    message = str(info.value)
+    assert "exactly a pooler" in message and "has no pooler" in message
+    assert "leave it out?" not in message  # the old hint asked whether it was left out
+
+
+@pytest.mark.parametrize("check, wrong", [
+    (check_encoder_formula, lambda cfg: float(formula(cfg))),  # e.g. 22713216.0: right value or not, a float
+    (check_encoder_formula, lambda cfg: float(formula(cfg, extra=cfg.hidden_size ** 2 + cfg.hidden_size))),
+    (check_training_memory, lambda n, t, bytes_per_value=4: float(training_state_bytes(n, t, bytes_per_value))),
+    (check_training_memory, lambda n, t, bytes_per_value=4: bytes_per_value * (n + 3 * t) / 1),
+])
+def test_counts_must_be_ints_not_floats(check, wrong):
+    with pytest.raises(AssertionError, match="return an integer count \\(int\\), not a float; use // not /"):
+        check(wrong)
+
+
+def test_fallback_hints_do_not_give_the_answer():
+    with pytest.raises(AssertionError) as info:
+        check_training_memory(lambda n, t, bytes_per_value=4: bytes_per_value * (n + 3 * t) + 1)
+    assert "3·N_trainable" not in str(info.value) and "AdamW's m and v" in str(info.value)
+    with pytest.raises(AssertionError) as info:
+        check_count_parameters(lambda m, trainable_only=False: count_parameters(m, trainable_only) + 1)
+    assert "sum(p.numel()" not in str(info.value)
 
 
 def test_unfilled_exercise_raises_not_implemented_and_crashes_are_explained():

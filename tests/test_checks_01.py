@@ -35,6 +35,7 @@ def test_reference_is_the_package_module():
     (lambda h, Wd, bd, Wu, bu, act: h + F.relu(h @ Wd.T + bd) @ Wu.T + bu, "call the act argument"),
     (lambda h, Wd, bd, Wu, bu, act: h + act(h @ Wd + bd) @ Wu + bu, "h @ W_down.T"),  # weights not transposed
     (lambda h, Wd, bd, Wu, bu, act: (h + act(h @ Wd.T + bd) @ Wu.T + bu).mean(-1), "maps \\(..., d\\)"),
+    (lambda h, Wd, bd, Wu, bu, act: act(h @ Wd.T + bd), "m-wide bottleneck: W_up brings it back"),
     (lambda h, Wd, bd, Wu, bu, act: 1.01 * right(h, Wd, bd, Wu, bu, act), "wrong output"),
     (lambda h, Wd, bd, Wu, bu, act: right(h, Wd, bd, Wu, bu, act).tolist(), "should return a tensor"),
 ])
@@ -48,7 +49,7 @@ def test_forward_rejects(wrong, message):
     (lambda d, m: 2 * m * d + m, "exactly the up-projection's bias"),
     (lambda d, m: 2 * m * d + d, "exactly the down-projection's bias"),
     (lambda d, m: m * d + d + m, "one of the two weight matrices"),
-    (lambda d, m: float(2 * m * d + d + m), "Return an int"),
+    (lambda d, m: float(2 * m * d + d + m), "return an integer count \\(int\\), not a float"),
 ])
 def test_adapter_parameters_rejects(wrong, message):
     with pytest.raises(AssertionError, match=message):
@@ -64,6 +65,17 @@ def test_adapter_parameters_rejects(wrong, message):
 def test_placement_parameters_rejects(houlsby, pfeiffer, message):
     with pytest.raises(AssertionError, match=message):
         check_placement_parameters(houlsby, pfeiffer)
+
+
+def test_placement_float_says_use_floor_division():
+    with pytest.raises(AssertionError, match="pfeiffer .*use // not /"):
+        check_placement_parameters(houlsby_count, lambda d, L, m: houlsby_count(d, L, m) / 2)
+
+
+def test_nan_output_is_named_not_shown_as_max_error_nan():
+    with pytest.raises(AssertionError) as info:
+        check_adapter_forward(lambda h, Wd, bd, Wu, bu, act: right(h, Wd, bd, Wu, bu, act) / (h - h))
+    assert "nan or inf" in str(info.value) and "max error nan" not in str(info.value)
 
 
 def test_unfilled_exercise_raises_not_implemented():

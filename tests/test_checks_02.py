@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minipeft.checks.lesson02 import (check_lora_forward, check_lora_parameters, check_merge, reference_forward,
+from minipeft.checks.lesson02 import (CASES, check_lora_forward, check_lora_parameters, check_merge, reference_forward,
                                       reference_merge)
 
 
@@ -39,6 +39,7 @@ def test_references_are_the_package_module():
     (lambda x, W0, b, A, B, a, r: x @ W0.T + b + (a / r) * x @ B @ A, "product is transposed"),  # B first
     (lambda x, W0, b, A, B, a, r: x @ W0 + b + (a / r) * x @ A.T @ B.T, "W0 is transposed"),
     (lambda x, W0, b, A, B, a, r: right_forward(x, W0, b, A, B, a, r).sum(-1), "returned shape"),
+    (lambda x, W0, b, A, B, a, r: (a / r) * x @ A.T, "rank-r bottleneck A x: B brings it back up"),
     (lambda x, W0, b, A, B, a, r: 1.01 * right_forward(x, W0, b, A, B, a, r), "wrong output"),
     (lambda x, W0, b, A, B, a, r: right_forward(x, W0, b, A, B, a, r).tolist(), "should return a tensor"),
 ])
@@ -57,8 +58,10 @@ def in_place(W0, A, B, alpha, r):
     (lambda W0, A, B, a, r: W0 + (r / a) * (B @ A), "upside down"),
     (lambda W0, A, B, a, r: W0 + a * (B @ A), "divide by the rank r"),
     (lambda W0, A, B, a, r: (a / r) * (B @ A), "only ΔW was returned"),
+    (lambda W0, A, B, a, r: W0 + 2 * (a / r) * (B @ A), "ΔW was added twice"),
     (lambda W0, A, B, a, r: W0 + (a / r) * (A.T @ B.T), "ΔW is transposed"),  # square case
     (in_place, "changed W0 in place"),
+    (lambda W0, A, B, a, r: W0[:r, :r] + (a / r) * (A @ B), "that is A B \\(r, r\\); ΔW is B A"),
     (lambda W0, A, B, a, r: 1.01 * right_merge(W0, A, B, a, r), "wrong merged weight"),
 ])
 def test_merge_rejects(wrong, message):
@@ -70,12 +73,32 @@ def test_merge_rejects(wrong, message):
     (lambda d, L, r, n: L * n * r * d, "A or B only"),
     (lambda d, L, r, n: n * r * 2 * d, "multiply by L"),
     (lambda d, L, r, n: L * r * 2 * d, "number of targets"),
-    (lambda d, L, r, n: L * n * d * d, "each target has A"),
-    (lambda d, L, r, n: float(L * n * r * 2 * d), "numel says"),
+    (lambda d, L, r, n: L * n * d * d, "full d×d update ΔW = BA"),  # d_in·d_out per target, not r(d_in + d_out)
+    (lambda d, L, r, n: L * n * 2 * d * d, "each target has A"),
+    (lambda d, L, r, n: float(L * n * r * 2 * d), "return an integer count \\(int\\), not a float"),
 ])
 def test_parameters_rejects(wrong, message):
     with pytest.raises(AssertionError, match=message):
         check_lora_parameters(wrong)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cases_tell_the_scale_mistakes_apart(case):
+    """In every case the scales of the diagnosed mistakes differ (r = 2 made a double merge look like α alone)."""
+    _, _, r, a, _ = case
+    scales = {"right": a / r, "none": 1.0, "upside down": r / a, "α alone": a, "rsLoRA": a / r ** 0.5,
+              "twice": 2 * a / r}
+    values = sorted(scales.values())
+    assert all(b - s > 1e-3 for s, b in zip(values, values[1:])), scales
+
+
+def test_messages_name_the_mistake_without_giving_the_code():
+    with pytest.raises(AssertionError) as info:
+        check_lora_forward(lambda x, W0, b, A, B, a, r: 1.01 * right_forward(x, W0, b, A, B, a, r))
+    assert "x @ A.T @ B.T" not in str(info.value)
+    with pytest.raises(AssertionError) as info:
+        check_merge(lambda W0, A, B, a, r: 1.01 * right_merge(W0, A, B, a, r))
+    assert "(alpha / r) * (B @ A)" not in str(info.value)
 
 
 def test_unfilled_exercise_raises_not_implemented():

@@ -24,7 +24,12 @@ def test_kron_sum_accepts_the_loop_and_einsum(capsys):
     (lambda A, B: torch.stack([torch.kron(A[i], B[i]) for i in range(A.shape[0])]), r"side by side. W is their \*sum\*"),
     (lambda A, B: A.sum(0), r"returned shape \(2, 2\)"),
     (lambda A, B: "W", "should return a torch.Tensor"),
-    (lambda A, B: 1 / 0, "raised ZeroDivisionError")])
+    (lambda A, B: 1 / 0, "raised ZeroDivisionError"),
+    (lambda A, B: sum(torch.kron(A[i], B[i].T) for i in range(A.shape[0])), "view size.*each used as it is"),
+    (lambda A, B: sum(torch.kron(A[i], B[i].T.contiguous()) for i in range(A.shape[0])), r"\(n·q, n·p\), transposed"),
+    (lambda A, B: sum(torch.kron(A[i].T.contiguous(), B[i]) for i in range(A.shape[0])), "A_i looks transposed"),
+    (lambda A, B: sum(torch.kron(A[:, i].contiguous(), B[i]) for i in range(A.shape[0])), "wrong axis of A"),
+    (lambda A, B: kron_sum_right(A, B) + 1, "check the order")])
 def test_kron_sum_rejects(wrong, message):
     with pytest.raises(AssertionError, match=message):
         check_kron_sum(wrong)
@@ -49,6 +54,9 @@ def test_low_rank_B_accepts(capsys):
     (lambda s, t: s[..., :1] @ t[..., :1].transpose(-1, -2), "only the first of the r columns"),
     (lambda s, t: s @ t.transpose(-1, -2) / s.shape[-1], "divided by r"),
     (lambda s, t: s.transpose(-1, -2) @ t, "calling it raised RuntimeError"),
+    (lambda s, t: s * t.transpose(-1, -2), "raised RuntimeError.*matrix product that sums over the r columns"),
+    # right unless p == q: the check itself used to crash there (a hint that could not be computed)
+    (lambda s, t: s @ t.mT if s.shape[1] != t.shape[1] else t @ s.mT, r"that is t_i s_iᵀ = B_iᵀ"),
     (lambda s, t: s.sum(-1), "returned shape"),
     (lambda s, t: s @ t.transpose(-1, -2) + 1, "B_i = s_i t_iᵀ: for each i")])
 def test_low_rank_B_rejects(wrong, message):
@@ -67,5 +75,7 @@ def test_compacter_count_accepts_and_rejects(capsys):
         check_compacter_count(lambda d, L, k, n: compacter_count(d, L, k, n) + 4 * L * n ** 3 - n ** 3)
     with pytest.raises(AssertionError, match="one of the two adapters per layer"):
         check_compacter_count(lambda d, L, k, n: compacter_count(d, L, k, n, sites=1))
+    with pytest.raises(AssertionError, match="return an integer count \\(int\\), not a float; use // not /"):
+        check_compacter_count(lambda d, L, k, n: float(compacter_count(d, L, k, n)))  # n·(d/n + k/n) is a float
     with pytest.raises(AssertionError, match="PHM-Adapter's count"):
         check_compacter_count(lambda d, L, k, n: paper_phm_adapter_count(d, L, k, n) + 2 * L * (k + d))

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minipeft.api import AdapterModule
 from minipeft.checks.lesson04 import check_parallel_delta, check_parallel_module
 
 
@@ -15,10 +14,11 @@ def reference_delta(x, h, down, up, s):
 
 
 def make_module(read_h=False, scale_in_forward=True, zero_up=True, kaiming=True, learned_param=True,
-                fixed_param=False):
-    class Mine(AdapterModule):
+                fixed_param=False, hard_coded=False, detached=False):
+    class Mine(nn.Module):  # an AdapterModule in the notebook; the check needs only nn.Module
         def __init__(self, adapter_name, d, r, scale):
-            super().__init__(adapter_name)
+            super().__init__()
+            self.adapter_name = adapter_name
             self.down, self.up = nn.Linear(d, r), nn.Linear(r, d)
             with torch.no_grad():
                 if kaiming:
@@ -37,7 +37,8 @@ def make_module(read_h=False, scale_in_forward=True, zero_up=True, kaiming=True,
         def forward(self, x, h, norm):
             u = h if read_h else x
             a = self.up(F.relu(self.down(u)))
-            return self.scale * a if scale_in_forward else a
+            s = 4.0 if hard_coded else self.scale.item() if detached and torch.is_tensor(self.scale) else self.scale
+            return s * a if scale_in_forward else a
 
     return Mine
 
@@ -56,7 +57,12 @@ def test_references_pass(capsys):
     (lambda x, h, down, up, s: x + s * up(F.relu(down(x))), "the residual x is added by the site"),
     (lambda x, h, down, up, s: s * F.linear(F.relu(down(x)), up.weight) + up.bias, "b_up included"),
     (lambda x, h, down, up, s: s * up(F.relu(down(x)))[..., :3], "returned shape"),
-    (lambda x, h, down, up, s: 0.5 * up(F.relu(down(x))), "compare with s"),
+    (lambda x, h, down, up, s: s * F.relu(down(x)), "r-wide bottleneck: up brings it back"),
+    (lambda x, h, down, up, s: 4.0 * up(F.relu(down(x))), "Δh is 4·A\\(x\\) but s = 1: the scale is hard-coded"),
+    (lambda x, h, down, up, s: s * up(F.gelu(down(x))), "f is ReLU here"),
+    (lambda x, h, down, up, s: s * up(F.relu(down(x))) + 0.1, "compare with s"),
+    (lambda x, h, down, up, s: s * up(F.relu(down(x))) / (x - x), "nan or inf"),
+    (lambda x, h, down, up, s: s * up(x), "raised RuntimeError.*call them on a tensor"),
 ])
 def test_parallel_delta_rejects(wrong, message):
     with pytest.raises(AssertionError, match=message):
@@ -70,10 +76,21 @@ def test_parallel_delta_rejects(wrong, message):
     (dict(kaiming=False), "Kaiming-uniform"),
     (dict(learned_param=False), "must be one nn.Parameter"),
     (dict(fixed_param=True), "must not be a trainable"),
+    (dict(hard_coded=True), "scale=2.5: Δh is 4·A\\(x\\) but s = 2.5: the scale is hard-coded"),
+    (dict(detached=True), "the scale is detached: no gradient reaches s"),
 ])
 def test_parallel_module_rejects(kwargs, message):
     with pytest.raises(AssertionError, match=message):
         check_parallel_module(make_module(**kwargs))
+
+
+def test_parallel_module_learned_scale_is_used_in_the_forward():
+    class FixedOnly(make_module()):  # the learned s is a Parameter but the forward uses s = 1 regardless
+        def forward(self, x, h, norm):
+            return self.up(F.relu(self.down(x))) * (1.0 if isinstance(self.scale, nn.Parameter) else self.scale)
+
+    with pytest.raises(AssertionError, match="scale='learned' \\(s = 1.7\\)"):
+        check_parallel_module(FixedOnly)
 
 
 def test_unfilled_exercise_raises_not_implemented_and_crashes_are_explained():
@@ -85,5 +102,11 @@ def test_unfilled_exercise_raises_not_implemented_and_crashes_are_explained():
             check(unfilled)
     with pytest.raises(AssertionError, match="raised ZeroDivisionError"):
         check_parallel_delta(lambda *a: 1 / 0)
+    class FloatScale(make_module()):  # float("learned") raises
+        def __init__(self, adapter_name, d, r, scale):
+            super().__init__(adapter_name, d, r, float(scale))
+
+    with pytest.raises(AssertionError, match='raised ValueError.*scale="learned" is not a number'):
+        check_parallel_module(FloatScale)
     with pytest.raises(AssertionError, match="needs self.down"):
         check_parallel_module(lambda *a: nn.Identity())

@@ -10,7 +10,7 @@ def split(t, H):  # (B, T, d) -> (B, H, T, d_h)
     return t.view(t.shape[0], t.shape[1], H, -1).transpose(1, 2)
 
 
-def make(cat_dim=1, mask="front", prefix_in_queries=False):
+def make(cat_dim=1, mask="front", prefix_in_queries=False, merge_heads=True):
     """A prefix attention with one deliberate mistake (the defaults are the right answer)."""
     def fn(q, k, v, prefix_k, prefix_v, key_mask, num_heads):
         B, l = q.shape[0], prefix_k.shape[0]
@@ -22,10 +22,26 @@ def make(cat_dim=1, mask="front", prefix_in_queries=False):
         if key_mask is not None and mask is not None:
             ones = key_mask.new_ones(B, l)
             m = {"front": lambda: torch.cat([ones, key_mask], 1), "end": lambda: torch.cat([key_mask, ones], 1),
-                 "zeros": lambda: torch.cat([~ones, key_mask], 1), "unchanged": lambda: key_mask}[mask]()
+                 "zeros": lambda: torch.cat([~ones, key_mask], 1), "unchanged": lambda: key_mask,
+                 "float": lambda: torch.cat([torch.ones(B, l), key_mask], 1)}[mask]()  # cat promotes to float
             m = m[:, None, None, :]
         a = F.scaled_dot_product_attention(split(q, num_heads), split(k, num_heads), split(v, num_heads), attn_mask=m)
-        return a.transpose(1, 2).flatten(2)  # (B, T, d)
+        return a.transpose(1, 2).flatten(2) if merge_heads else a  # (B, T, d)
+    return fn
+
+
+def manual(softmax_dim=-1, scale="d_h", inverted=False):
+    """Attention with a hand-written softmax, with one deliberate mistake (the defaults are the right answer)."""
+    def fn(q, k, v, prefix_k, prefix_v, key_mask, num_heads):
+        B, l = q.shape[0], prefix_k.shape[0]
+        K = split(torch.cat([prefix_k.expand(B, -1, -1), k], 1), num_heads)
+        V = split(torch.cat([prefix_v.expand(B, -1, -1), v], 1), num_heads)
+        s = split(q, num_heads) @ K.transpose(-1, -2) / {"d_h": K.shape[-1] ** 0.5, "d": q.shape[-1] ** 0.5,
+                                                          None: 1.0}[scale]  # (B, H, T, l + T)
+        if key_mask is not None:
+            m = torch.cat([key_mask.new_ones(B, l), key_mask], 1)[:, None, None, :]
+            s = s.masked_fill(m if inverted else ~m, float("-inf"))
+        return (s.softmax(softmax_dim) @ V).transpose(1, 2).flatten(2)
     return fn
 
 
@@ -35,15 +51,7 @@ def test_right_answer_passes(capsys):
 
 
 def test_manual_softmax_answer_passes():
-    def manual(q, k, v, prefix_k, prefix_v, key_mask, num_heads):
-        B, l = q.shape[0], prefix_k.shape[0]
-        K = split(torch.cat([prefix_k.expand(B, -1, -1), k], 1), num_heads)
-        V = split(torch.cat([prefix_v.expand(B, -1, -1), v], 1), num_heads)
-        s = split(q, num_heads) @ K.transpose(-1, -2) / K.shape[-1] ** 0.5  # (B, H, T, l + T)
-        if key_mask is not None:
-            s = s.masked_fill(~torch.cat([key_mask.new_ones(B, l), key_mask], 1)[:, None, None, :], float("-inf"))
-        return (s.softmax(-1) @ V).transpose(1, 2).flatten(2)
-    check_prefix_attention(manual)
+    check_prefix_attention(manual())
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -56,10 +64,26 @@ def test_manual_softmax_answer_passes():
     (make(prefix_in_queries=True), "only keys and values"),
     (lambda q, k, v, pk, pv, m, H: make()(q, k, v, pk[:0], pv[:0], m, H), "ignores the prefix"),
     (lambda q, k, v, pk, pv, m, H: 2 * make()(q, k, v, pk, pv, m, H), "max error"),
+    (make(mask="float"), "the mask is a float tensor"),
+    (make(merge_heads=False), "heads were not merged back"),
+    (lambda q, k, v, pk, pv, m, H: make()(q, k, v, pk, pv, m, 1), "heads were not split"),
+    (manual(scale=None), "scores are not scaled"),
+    (manual(scale="d"), "divided by √d: the scale is 1/√d_h"),
 ])
 def test_rejects_plausible_mistakes(wrong, message):
     with pytest.raises(AssertionError, match=message):
         check_prefix_attention(wrong)
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (manual(softmax_dim=-2), "the softmax runs over the wrong axis.*last axis of the \\(B, H, T, l \\+ T\\) scores"),
+    (manual(inverted=True), "without the mask your output is finite, so the mask causes it.*inverted"),
+    (lambda q, k, v, pk, pv, m, H: make()(q, k, v, pk, pv, m, H) * float("nan"), "softmax over scores that are all"),
+])
+def test_nan_output_names_the_likely_mistake(wrong, message):
+    with pytest.raises(AssertionError, match=message) as info:
+        check_prefix_attention(wrong)
+    assert "max error nan" not in str(info.value)
 
 
 def test_wrong_axis_of_equal_size_is_rejected():

@@ -7,6 +7,10 @@ import them in the notebook as ``from minipeft.checks.lessonNN import check_...`
 """
 from __future__ import annotations
 
+import numbers
+
+import torch
+
 
 def passed(name: str, detail: str) -> None:
     """The success line every check prints."""
@@ -28,8 +32,8 @@ def explain(got: int, expected: int, terms: dict[str, int]) -> str:
     return ""
 
 
-def call(name: str, fn, *args, **kwargs):
-    """Call the learner's function; NotImplementedError passes through, other errors are explained."""
+def call(name: str, fn, *args, hint: str = "", **kwargs):
+    """Call the learner's function; NotImplementedError passes through, other errors are explained (+ ``hint``)."""
     if not callable(fn):
         fail(name, f"expected a function, got {type(fn).__name__}")
     try:
@@ -37,4 +41,21 @@ def call(name: str, fn, *args, **kwargs):
     except NotImplementedError:
         raise
     except Exception as e:  # noqa: BLE001 -- the learner's code may raise anything
-        fail(name, f"calling it raised {type(e).__name__}: {e}")
+        said = f"calling it raised {type(e).__name__}: {e}"
+        fail(name, f"{said.rstrip('.')}. {hint}" if hint else said)
+
+
+def need_int(name: str, got, where: str) -> None:
+    """A count must be an integer: a float fails even when its value is right (22713216.0)."""
+    if isinstance(got, numbers.Integral) and not isinstance(got, bool):
+        return
+    fix = "not a float; use // not /" if isinstance(got, float) else f"not {type(got).__name__}"
+    fail(name, f"gave {got!r} {where}: return an integer count (int), {fix}.")
+
+
+def max_error(got: torch.Tensor, want: torch.Tensor) -> str:
+    """The largest deviation, or how many values are nan/inf (a "max error nan" tells the learner nothing)."""
+    bad = int((~torch.isfinite(got)).sum())
+    if bad:
+        return f"{bad} of {got.numel()} values are nan or inf"
+    return f"max error {(got.double() - want.double()).abs().max():.3g}"

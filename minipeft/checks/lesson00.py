@@ -10,7 +10,7 @@ from torch import nn
 
 from ..backbones.encoder import Encoder, EncoderConfig
 from ..train import count_parameters, training_state_bytes
-from . import call, explain, fail, passed
+from . import call, explain, fail, need_int, passed
 
 MINILM = EncoderConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536, name="MiniLM-L6")
 BERT_BASE = EncoderConfig(name="BERT-base")
@@ -45,10 +45,9 @@ def check_count_parameters(fn) -> None:
         for trainable_only in (False, True):
             got = call(name, fn, m, trainable_only=trainable_only)
             want = count_parameters(m, trainable_only)
-            if isinstance(got, torch.Tensor):
+            if isinstance(got, torch.Tensor) and got.numel() == 1:
                 got = got.item()
-            if not isinstance(got, int) or isinstance(got, bool):
-                fail(name, f"should return an int, got {type(got).__name__} for {label}")
+            need_int(name, got, f"for {label} (trainable_only={trainable_only})")
             if got == want:
                 continue
             tensors = sum(1 for p in m.parameters() if p.requires_grad or not trainable_only)
@@ -57,13 +56,14 @@ def check_count_parameters(fn) -> None:
                                          "those with p.requires_grad.",
                     sum(t.numel() for t in m.state_dict().values()): "that includes buffers (BatchNorm's running "
                     "statistics) or counts a shared weight twice: iterate over module.parameters(), not "
-                    "state_dict()."}.get(got, "compare with sum(p.numel() for p in module.parameters()).")
+                    "state_dict()."}.get(got, "add up the number of elements of every tensor that "
+                                          "module.parameters() yields (each shared tensor once).")
             fail(name, f"returned {got:,} for {label} (trainable_only={trainable_only}), expected {want:,}: {hint}")
     passed(name, f"correct on {len(_modules())} modules (frozen parts, a buffer, a tied weight), both modes")
 
 
 def encoder_terms(c: EncoderConfig) -> dict[str, int]:
-    """The formula's parts, to name the one a wrong answer is missing (Devlin et al. 2019; our Encoder)."""
+    """The formula's parts (they add up to it), to name the one a wrong answer is missing (Devlin et al. 2019)."""
     d, f, L = c.hidden_size, c.intermediate_size, c.num_layers
     return {"the position embeddings (max_position·d)": c.max_position * d,
             "the token-type embeddings (type_vocab_size·d)": c.type_vocab_size * d,
@@ -71,8 +71,7 @@ def encoder_terms(c: EncoderConfig) -> dict[str, int]:
             "the LayerNorms' gains and biases (2d each: 1 after the embeddings + 2 per layer)": 2 * d * (1 + 2 * L),
             "the biases of the linear layers (L·(4d + f + d))": L * (4 * d + f + d),
             "the attention's four d×d projections (L·4d²)": L * 4 * d * d,
-            "the FFN's two matrices (L·2df)": L * 2 * d * f,
-            "a pooler (d² + d), which minipeft's Encoder does not have": -(d * d + d)}
+            "the FFN's two matrices (L·2df)": L * 2 * d * f}
 
 
 def check_encoder_formula(fn) -> None:
@@ -82,11 +81,16 @@ def check_encoder_formula(fn) -> None:
         with torch.device("meta"):
             want = count_parameters(Encoder(cfg))
         got = call(name, fn, cfg)
+        need_int(name, got, f"for {cfg.name}")
         if got != want:
-            shape = (f"V={cfg.vocab_size}, P={cfg.max_position}, T={cfg.type_vocab_size}, d={cfg.hidden_size}, "
+            d = cfg.hidden_size
+            shape = (f"V={cfg.vocab_size}, P={cfg.max_position}, T={cfg.type_vocab_size}, d={d}, "
                      f"L={cfg.num_layers}, f={cfg.intermediate_size}")
-            fail(name, f"gave {got!r} for {cfg.name} ({shape}); numel says {want:,}."
-                 + (explain(got, want, encoder_terms(cfg)) if isinstance(got, int) else " Return an int."))
+            hint = (f" The difference (+{d * d + d:,}) is exactly a pooler (d² + d): minipeft's Encoder has no "
+                    "pooler (the classifier pools itself), so it is not part of the count."
+                    if got - want == d * d + d else
+                    explain(got, want, {**encoder_terms(cfg), "the embeddings' LayerNorm (2d)": 2 * d}))
+            fail(name, f"gave {got:,} for {cfg.name} ({shape}); numel says {want:,}.{hint}")
     passed(name, "the formula matches numel for a tiny encoder, MiniLM-L6 (22,565,376) and BERT-base (108,891,648)")
 
 
@@ -96,6 +100,7 @@ def check_training_memory(fn) -> None:
     cases = [(22_566_146, 770, 4), (5000, 1000, 2), (22_566_146, 22_566_146, 4), (1000, 0, 4)]  # distinct hints first
     for n, t, b in cases:
         got = call(name, fn, n, t, bytes_per_value=b)
+        need_int(name, got, f"for total={n:,}, trainable={t:,}, bytes_per_value={b}")
         want = training_state_bytes(n, t, b)
         if got == want:
             continue
@@ -107,5 +112,6 @@ def check_training_memory(fn) -> None:
                 n + 3 * t: "that is a number of values; multiply by bytes_per_value to get bytes.",
                 b * 3 * t: "the weights themselves (all of them, frozen too) must be in memory as well."}
         fail(name, f"gave {got!r} for total={n:,}, trainable={t:,}, bytes_per_value={b}; expected {want:,}. "
-             + hint.get(got, "bytes = b·(N_total + 3·N_trainable)."))
+             + hint.get(got, "every weight is held once; each trainable one also has a gradient and AdamW's m "
+                             "and v; each value takes bytes_per_value bytes."))
     passed(name, f"correct on {len(cases)} cases (full FT, head only, nothing trained, 2-byte values)")

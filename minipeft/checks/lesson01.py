@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..api import add_adapter
 from ..backbones.encoder import Encoder, EncoderConfig
 from ..methods.bottleneck import Bottleneck, BottleneckConfig
-from . import call, explain, fail, passed
+from . import call, explain, fail, max_error, need_int, passed
 
 MINILM = EncoderConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536, name="MiniLM-L6")
 BERT_BASE = EncoderConfig(name="BERT-base")
@@ -77,7 +77,8 @@ def check_adapter_forward(fn) -> None:
             want = reference_forward(**t, act=act)
             if got.shape != want.shape:
                 fail(name, f"returned shape {tuple(got.shape)} for h of shape {tuple(t['h'].shape)}; the adapter "
-                     f"maps (..., d) to (..., d): expected {tuple(want.shape)}")
+                     f"maps (..., d) to (..., d): expected {tuple(want.shape)}"
+                     + ("; that is the m-wide bottleneck: W_up brings it back to d." if got.shape[-1:] == (m,) else ""))
             if torch.allclose(got, want, atol=1e-5):
                 continue
             for hint, wrong in _wrong_answers(t, ACTS[act]).items():
@@ -85,13 +86,9 @@ def check_adapter_forward(fn) -> None:
                     fail(name, hint + ".")
             if act != "relu" and torch.allclose(got, reference_forward(**t, act="relu"), atol=1e-5):
                 fail(name, f"with act={act} you still computed ReLU: call the act argument, do not hard-code f.")
-            fail(name, f"wrong output (act={act}, max error {(got - want).abs().max():.3g}); "
+            fail(name, f"wrong output (act={act}, {max_error(got, want)}); "
                  "expected h + W_up f(W_down h + b_down) + b_up with h @ W_down.T for W_down h.")
     passed(name, "h + W_up f(W_down h + b_down) + b_up, equal to minipeft's Bottleneck for relu, gelu and tanh")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _adapter_terms(d: int, m: int) -> dict[str, int]:
@@ -105,9 +102,10 @@ def check_adapter_parameters(fn) -> None:
     for d, m in ((12, 5), (384, 64), (768, 48)):
         want = sum(p.numel() for p in Bottleneck("ref", d, m, BottleneckConfig(bottleneck=m)).parameters())
         got = call(name, fn, d, m)
-        if got != want or not _is_int(got):
-            fail(name, f"gave {got!r} for d={d}, m={m}; numel of the package's adapter says {want:,}."
-                 + (explain(got, want, _adapter_terms(d, m)) if _is_int(got) else f" Return an int, not {type(got).__name__}."))
+        need_int(name, got, f"for d={d}, m={m}")
+        if got != want:
+            fail(name, f"gave {got:,} for d={d}, m={m}; numel of the package's adapter says {want:,}."
+                 + explain(got, want, _adapter_terms(d, m)))
     passed(name, "2md + d + m matches numel for (d, m) = (12, 5), (384, 64), (768, 48)")
 
 
@@ -128,8 +126,7 @@ def check_placement_parameters(houlsby_fn, pfeiffer_fn) -> None:
             d, L = cfg.hidden_size, cfg.num_layers
             want = _placement_numel(cfg.name, placement, m)
             got = call(name, fn, d, L, m)
-            if not _is_int(got):
-                fail(name, f"{label} should return an int, got {type(got).__name__}")
+            need_int(name, got, f"for {label} on {cfg.name} (d={d}, L={L}, m={m})")
             if got == want:
                 continue
             one = 2 * m * d + d + m

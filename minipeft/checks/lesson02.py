@@ -17,11 +17,13 @@ from torch import nn
 from ..api import add_adapter
 from ..backbones.encoder import Encoder, EncoderConfig
 from ..methods.lora import LoRAConfig, LoRALinear
-from . import call, fail, passed
+from . import call, fail, max_error, need_int, passed
 
 MINILM = EncoderConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536, name="MiniLM-L6")
 BERT_BASE = EncoderConfig(name="BERT-base")
-CASES = ((6, 6, 2, 4.0, 0), (8, 5, 3, 6.0, 1), (10, 10, 4, 1.0, 2))  # (d_in, d_out, r, α, seed); squares included
+# (d_in, d_out, r, α, seed); squares included. No r = 2 or 4: there 2α/r = α and 2α/r = α/√r, and the scale
+# mistakes (α, r/α, α/√r, a doubled ΔW, ...) could not be told apart.
+CASES = ((6, 6, 3, 8.0, 0), (8, 5, 3, 6.0, 1), (10, 10, 5, 2.0, 2))
 
 
 def _tensors(d_in: int, d_out: int, r: int, seed: int) -> dict[str, torch.Tensor]:
@@ -67,8 +69,9 @@ def _forward_mistakes(x, W0, b, A, B, alpha, r) -> dict[str, torch.Tensor]:
         "the bias b is missing (it belongs to the frozen layer: W0 x + b)": x @ W0.T + (alpha / r) * x @ BA.T,
     }
     if W0.shape[0] == W0.shape[1]:
-        out["the product is transposed: ΔW = BA is (d_out, d_in) like W0, so ΔW x is x @ (B @ A).T, "
-            "i.e. x @ A.T @ B.T (apply A first, then B), not x @ (B @ A)"] = base + (alpha / r) * x @ BA
+        out["the product is transposed: ΔW = BA is (d_out, d_in) like W0, so apply it to x the way nn.Linear "
+            "applies W0 (A first, then B); the transposed product only runs because this layer is square"] = (
+            base + (alpha / r) * x @ BA)
         out["W0 is transposed: nn.Linear stores it as (d_out, d_in), so W0 x is x @ W0.T"] = (
             x @ W0 + b + (alpha / r) * x @ BA.T)
     return out
@@ -86,21 +89,22 @@ def check_lora_forward(fn) -> None:
             raise
         except Exception as e:  # noqa: BLE001 -- the learner's code may raise anything
             fail(name, f"calling it with d_in={d_in}, d_out={d_out}, r={r} raised {type(e).__name__}: {e}. Shapes: "
-                 "x (..., d_in), W0 (d_out, d_in), A (r, d_in), B (d_out, r), as nn.Linear stores weights; "
-                 "A x is x @ A.T, then B (A x) is (x @ A.T) @ B.T.")
+                 "x (..., d_in), W0 (d_out, d_in), A (r, d_in), B (d_out, r), as nn.Linear stores weights: "
+                 "W0 x is x @ W0.T, and A and B are applied to x the same way, A first.")
         if not isinstance(got, torch.Tensor):
             fail(name, f"should return a tensor, got {type(got).__name__}")
         want = reference_forward(**t, alpha=alpha, r=r)
         if got.shape != want.shape:
             fail(name, f"returned shape {tuple(got.shape)} for x of shape {tuple(t['x'].shape)} and d_out={d_out}; "
-                 f"expected {tuple(want.shape)}")
+                 f"expected {tuple(want.shape)}" + ("; that is the rank-r bottleneck A x: B brings it back up to "
+                                                   "d_out." if got.shape[-1:] == (r,) else "."))
         if torch.allclose(got, want, atol=1e-5):
             continue
         for hint, wrong in _forward_mistakes(**t, alpha=alpha, r=r).items():
             if torch.allclose(got, wrong, atol=1e-5):
                 fail(name, hint + ".")
-        fail(name, f"wrong output (d_in={d_in}, d_out={d_out}, r={r}, α={alpha}; max error "
-             f"{(got - want).abs().max():.3g}); expected x @ W0.T + b + (alpha / r) * (x @ A.T @ B.T).")
+        fail(name, f"wrong output (d_in={d_in}, d_out={d_out}, r={r}, α={alpha}; {max_error(got, want)}); "
+             "expected W0 x + b + (α/r) B A x: A applied to x first, then B, each as nn.Linear applies a weight.")
     passed(name, "W0 x + b + (α/r) B A x, equal to minipeft's LoRALinear (square and rectangular layers)")
 
 
@@ -126,7 +130,8 @@ def check_merge(fn) -> None:
                  "needs the original W0).")
         if got.shape != want.shape:
             fail(name, f"returned shape {tuple(got.shape)}; the merged weight has W0's shape {tuple(want.shape)} "
-                 "(d_out, d_in)" + (": B @ A, not A.T @ B.T." if got.shape == want.shape[::-1] else "."))
+                 "(d_out, d_in)" + (": B @ A, not A.T @ B.T." if got.shape == want.shape[::-1] else
+                                    ": that is A B (r, r); ΔW is B A." if got.shape == (r, r) else "."))
         if torch.allclose(got, want, atol=1e-6):
             continue
         BA = B @ A
@@ -134,12 +139,15 @@ def check_merge(fn) -> None:
                     "the scale is upside down: use α/r, not r/α": W0 + (r / alpha) * BA,
                     "the scale is α alone: divide by the rank r": W0 + alpha * BA,
                     "only ΔW was returned: add it to W0": (alpha / r) * BA,
+                    "ΔW was added twice (W0 + 2·(α/r) B A), as if the weight were merged twice: add it once":
+                        W0 + 2 * (alpha / r) * BA,
                     "ΔW is transposed: it is B @ A (d_out, d_in), like W0, not (B @ A).T = A.T @ B.T":
                         W0 + (alpha / r) * BA.T}
         for hint, wrong in mistakes.items():
             if wrong.shape == got.shape and torch.allclose(got, wrong, atol=1e-6):
                 fail(name, hint + ".")
-        fail(name, f"wrong merged weight (max error {(got - want).abs().max():.3g}); expected W0 + (alpha / r) * (B @ A).")
+        fail(name, f"wrong merged weight ({max_error(got, want)}); expected W0 + (α/r) B A, of W0's shape "
+             "(d_out, d_in).")
     passed(name, "W0 + (α/r) B A, equal to minipeft's LoRALinear.merge()")
 
 
@@ -157,12 +165,13 @@ def check_lora_parameters(fn) -> None:
     for cfg, r, targets in ((BERT_BASE, 4, ("q", "k", "v", "o")), (MINILM, 8, ("q", "v")), (BERT_BASE, 8, ("q", "v"))):
         d, L, n = cfg.hidden_size, cfg.num_layers, len(targets)
         want, got = _numel(cfg.name, r, targets), call(name, fn, d, L, r, n)
-        if got == want and isinstance(got, int) and not isinstance(got, bool):
+        need_int(name, got, f"for d={d}, L={L}, r={r}, {n} targets")
+        if got == want:
             continue
         hints = {L * n * r * d: "that counts A or B only: each target has both, r·d_in + d_out·r = r(d_in + d_out).",
                  n * r * 2 * d: f"that is one layer: multiply by L={L}.", L * r * 2 * d: "multiply by the number of "
-                 "targets per layer.", L * n * 2 * d * d: "that is the full d×d weight ΔW = BA; LoRA stores only "
-                 "A and B."}
-        fail(name, f"gave {got!r} for d={d}, L={L}, r={r}, {n} targets {targets}; numel says {want:,}. "
+                 "targets per layer.", L * n * d * d: "that counts the full d×d update ΔW = BA of each target; LoRA "
+                 "stores only its two thin factors A and B."}
+        fail(name, f"gave {got!r} for d={d}, L={L}, r={r}, {n} targets {targets}; numel says {want:,}: "
              + hints.get(got, "each target has A (r×d) and B (d×r)."))
     passed(name, "L · |targets| · r(d_in + d_out) matches numel (BERT-base, r=8 on q, v: 294,912)")

@@ -9,7 +9,7 @@ import torch
 
 from ..methods.compacter import compacter_count
 from ..methods.phm import kron_sum
-from . import call, explain, fail, passed
+from . import call, explain, fail, need_int, passed
 
 
 def _inputs(n: int, p: int, q: int, r: int | None = None, seed: int = 0):
@@ -34,26 +34,34 @@ def check_kron_sum(fn) -> None:
     for n, p, q in ((2, 3, 5), (4, 6, 2), (3, 2, 2)):
         A, B = _inputs(n, p, q, seed=n)
         what = f"A of shape {(n, n, n)} and B of shape {(n, p, q)}"
-        got = call(name, fn, A.clone(), B.clone())
+        got = call(name, fn, A.clone(), B.clone(), hint="A_i is the i-th (n, n) matrix of A and B_i the i-th (p, q) "
+                   "matrix of B, each used as it is (torch.kron of a transposed matrix fails with 'view size is not "
+                   "compatible'); torch.kron of two matrices gives their (n·p, n·q) Kronecker product.")
         if isinstance(got, torch.Tensor) and tuple(got.shape) == (n, n * p, n * q):
             fail(name, f"returned shape {tuple(got.shape)} for {what}: the n products A_i ⊗ B_i side by side. "
                  "W is their *sum* (shape (n·p, n·q)): add them up.")
+        if isinstance(got, torch.Tensor) and tuple(got.shape) == (n * q, n * p) and p != q:
+            fail(name, f"returned shape {tuple(got.shape)} for {what}: that is (n·q, n·p), transposed. Is B_i "
+                 "(or W) transposed? Use each B_i as it is, shape (p, q).")
         got = _as_tensor(name, got, (n * p, n * q),
                          what + " (each A_i ⊗ B_i is (n·p) x (n·q))")
         want = kron_sum(A, B)
         if torch.allclose(got, want, atol=1e-9):
             continue
-        hints = [(sum(torch.kron(B[i], A[i]) for i in range(n)), "that is Σ_i B_i ⊗ A_i: the Kronecker product "
-                  "does not commute. A_i ⊗ B_i is the block matrix whose block (a, c) is A_i[a, c]·B_i, i.e. "
-                  "torch.kron(A[i], B[i])."),
+        ks = lambda X, Y: sum(torch.kron(X[i].contiguous(), Y[i].contiguous()) for i in range(n))  # noqa: E731
+        hints = [(ks(B, A), "that is Σ_i B_i ⊗ A_i: the Kronecker product does not commute. A_i ⊗ B_i is the "
+                  "block matrix whose block (a, c) is A_i[a, c]·B_i."),
                  (torch.kron(A[0], B[0]), "that is only A_1 ⊗ B_1: W is the *sum* over i = 1..n of A_i ⊗ B_i."),
                  (torch.kron(A[-1], B[-1]), "that is only the last term A_n ⊗ B_n: did your loop overwrite W "
                   "instead of adding to it (W = W + ...)?"),
                  (want / n, "that is the mean of the n products: W is their sum, not their average."),
-                 (sum(torch.kron(A[i], B[i].T).T for i in range(n)) if p == q else None,
-                  "B_i looks transposed: use B[i] as it is, shape (p, q).")]
+                 (ks(A, B.mT) if p == q else None, "B_i looks transposed: use each B_i as it is, shape (p, q)."),
+                 (ks(A.mT, B), "A_i looks transposed: use each A_i as it is."),
+                 (ks(A.transpose(0, 1), B), "A_i is taken along the wrong axis of A: the n matrices A_i are "
+                  "stacked along the first axis, as the B_i are.")]
         hint = next((h for w, h in hints if w is not None and w.shape == got.shape and torch.allclose(got, w, atol=1e-9)),
-                    "compare with sum(torch.kron(A[i], B[i]) for i in range(n)).")
+                    "check the order (A_i ⊗ B_i), which axis holds the i-th matrix (the first, for A and B) and that "
+                    "all n products are added up.")
         fail(name, f"wrong values for {what}: {hint}")
     passed(name, "W = Σ_i A_i ⊗ B_i matches on 3 shapes (n = 2, 3, 4; square and non-square B_i)")
 
@@ -64,7 +72,9 @@ def check_low_rank_B(fn) -> None:
     for n, p, q, r in ((4, 6, 3, 1), (2, 5, 2, 2), (3, 4, 4, 3)):
         s, t = _inputs(n, p, q, r, seed=p + r)
         what = f"s of shape {(n, p, r)} and t of shape {(n, q, r)}"
-        got = call(name, fn, s.clone(), t.clone())
+        got = call(name, fn, s.clone(), t.clone(), hint=f"s_i is (p, r) and t_i is (q, r) (here r={r}): B_i = s_i t_iᵀ "
+                   "is a matrix product that sums over the r columns, done for each i (an elementwise outer "
+                   "product only fits r = 1).")
         if isinstance(got, torch.Tensor) and tuple(got.shape) == (n, q, p) and p != q:
             fail(name, f"returned shape {(n, q, p)} for {what}: that is t_i s_iᵀ = B_iᵀ; B_i = s_i t_iᵀ is (p, q).")
         got = _as_tensor(name, got, (n, p, q), what + " (B_i = s_i t_iᵀ is p x q for each of the n products)")
@@ -72,9 +82,8 @@ def check_low_rank_B(fn) -> None:
         if torch.allclose(got, want, atol=1e-9):
             continue
         hints = [(s[..., :1] @ t[..., :1].mT, "that uses only the first of the r columns: s_i t_iᵀ sums over all "
-                  "r rank-1 terms, so multiply the whole (p, r) and (q, r) matrices: s @ t.transpose(-1, -2)."),
-                 (s * t.sum(-1, keepdim=True).mT if p == q else None, "that multiplies elementwise: B_i = s_i t_iᵀ "
-                  "is a matrix product (an outer product when r = 1)."),
+                  "r rank-1 terms, so multiply the whole (p, r) and (q, r) matrices."),
+                 (want.mT if p == q else None, "that is t_i s_iᵀ = B_iᵀ: B_i = s_i t_iᵀ, s_i first."),
                  (want / r, "that is divided by r: B_i = s_i t_iᵀ has no scaling.")]
         hint = next((h for w, h in hints if w is not None and torch.allclose(got, w, atol=1e-9)),
                     "B_i = s_i t_iᵀ: for each i, the (p, r) matrix s[i] times the transpose of the (q, r) t[i].")
@@ -87,6 +96,7 @@ def check_compacter_count(fn) -> None:
     name = "compacter_parameters"
     for d, L, k, n in ((768, 12, 24, 4), (384, 6, 24, 4), (768, 12, 48, 8), (64, 2, 8, 2)):
         got, want = call(name, fn, d, L, k, n), compacter_count(d, L, k, n)
+        need_int(name, got, f"for d={d}, L={L}, k={k}, n={n}")
         if got == want:
             continue
         terms = {"the biases (b_down k + b_up d per adapter: 2L(k + d))": 2 * L * (k + d),
@@ -94,10 +104,11 @@ def check_compacter_count(fn) -> None:
                  "one copy of A per PHM layer instead of one shared A (4L·n³ - n³)": 4 * L * n ** 3 - n ** 3,
                  "one of the two adapters per layer (Houlsby: one at the attention, one at the FFN)":
                      3 * L * (k + d)}
-        hint = explain(got, want, terms) if isinstance(got, int) else " Return an int."
-        if isinstance(got, int) and got == 4 * L * (k * d // n + n ** 3) + 2 * L * (k + d):
+        hint = explain(got, want, terms)
+        if got == 4 * L * (k * d // n + n ** 3) + 2 * L * (k + d):
             hint = (" That is the PHM-Adapter's count (full B_i, an A per PHM layer): Compacter's B_i = s_i t_iᵀ has "
                     "in/n + out/n parameters per i, and one A shared by all layers.")
-        fail(name, f"gave {got!r} for d={d}, L={L}, k={k}, n={n}; expected {want:,}.{hint} "
-             "Per PHM layer: n·(in/n + out/n) = in + out for the s_i, t_i; 4 PHM layers per block; + biases; + n³.")
+        fail(name, f"gave {got:,} for d={d}, L={L}, k={k}, n={n}; expected {want:,}.{hint} Count the s_i and t_i "
+             "of one PHM layer (n of each, in/n and out/n long), then PHM layers per adapter and adapters per layer, "
+             "then the biases and the one shared A.")
     passed(name, "matches numel for BERT-base (k = 24: 57,088), MiniLM and two more shapes")

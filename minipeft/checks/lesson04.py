@@ -43,10 +43,17 @@ def _diagnose(got, x, h, down, up, s) -> str:
              (s * F.linear(F.relu(down(x)), up.weight) + up.bias,
               "s should scale the whole A(x), b_up included (as He et al.'s code does: up_proj(...) * scale)"),
              (h + s * a(x), "return only Δh: the site adds it to h (and the residual x) itself"),
-             (x + s * a(x), "return only Δh: the residual x is added by the site, not by the adapter")]
+             (x + s * a(x), "return only Δh: the residual x is added by the site, not by the adapter"),
+             (s * up(F.gelu(down(x))), "f is ReLU here, not GELU")]
     for candidate, message in wrong:
         if got.shape == candidate.shape and torch.allclose(got, candidate, atol=1e-5):
             return message
+    if not torch.isfinite(got).all():
+        return "Δh contains nan or inf"
+    base = a(x)
+    c = float((got * base).sum() / (base * base).sum())  # got = c · A(x)?
+    if abs(c - s) > 1e-4 and torch.allclose(got, c * base, atol=1e-5):
+        return f"Δh is {c:.4g}·A(x) but s = {s:g}: the scale is hard-coded; use the scale you are given"
     return "compare with s · (W_up relu(W_down x + b_down) + b_up), x the sublayer input"
 
 
@@ -57,12 +64,14 @@ def check_parallel_delta(fn) -> None:
         down, up = _layers()
         x, h = _inputs()
         with torch.no_grad():
-            got = call(name, fn, x, h, down, up, s)
+            got = call(name, fn, x, h, down, up, s, hint="x and h are (B, T, d); down = nn.Linear(d, r) and "
+                       "up = nn.Linear(r, d) are layers: call them on a tensor.")
             want = s * up(F.relu(down(x)))
             if not isinstance(got, torch.Tensor):
                 fail(name, f"should return a tensor, got {type(got).__name__}")
             if got.shape != want.shape:
-                fail(name, f"returned shape {tuple(got.shape)}, expected {tuple(want.shape)} (the shape of h)")
+                fail(name, f"returned shape {tuple(got.shape)}, expected {tuple(want.shape)} (the shape of h)"
+                     + ("; that is the r-wide bottleneck: up brings it back to d." if got.shape[-1:] == (R,) else ""))
             if not torch.allclose(got, want, atol=1e-5):
                 fail(name, f"wrong Δh with s={s}: " + _diagnose(got, x, h, down, up, s) + ".")
     passed(name, "Δh = s·A(x) for s = 4, 1, 2.5; it reads the sublayer input x and ignores h")
@@ -89,24 +98,38 @@ def check_parallel_module(cls) -> None:
                    f"±1/√d = ±{bound:.3f}; got max |w| = {float(w.abs().max()):.3f}")
     if torch.count_nonzero(module.down.bias):
         fail(name, "b_down starts at zero in He et al.'s initialisation")
-    learned = call(name, cls, "mine", d, r, "learned")
+    learned = call(name, cls, "mine", d, r, "learned", hint='scale="learned" is not a number: it asks for a trainable '
+                   "scale, one nn.Parameter starting at 1.")
     s = getattr(learned, "scale", None)
     if not isinstance(s, nn.Parameter) or s.numel() != 1 or float(s.detach()) != 1.0:
         fail(name, 'with scale="learned", self.scale must be one nn.Parameter (numel 1) starting at 1.0')
     if isinstance(getattr(module, "scale", None), nn.Parameter):
         fail(name, "a fixed scale (4.0) must not be a trainable nn.Parameter")
-    # same weights as the reference -> same Δh, from x alone
-    ref = ParallelAdapter("ref", d, r, ParallelAdapterConfig(r=r, scale=4.0))
+    # same weights as the reference -> same Δh, from x alone: a fixed s of 4, a fixed s ≠ 4, a learned s (set to 1.7)
     g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        module.down.load_state_dict(ref.down.state_dict())
-        module.up.load_state_dict(ref.up.state_dict())
-        x, h = torch.randn(2, 3, 2, d, generator=g).unbind(0)
-        got = call(name, module, x, h, nn.LayerNorm(d))
+    x, h = torch.randn(2, 3, 2, d, generator=g).unbind(0)
+    for scale, s in ((4.0, 4.0), (2.5, 2.5), ("learned", 1.7)):
+        mine = module if scale == 4.0 else learned if scale == "learned" else call(name, cls, "mine", d, r, scale)
+        ref = ParallelAdapter("ref", d, r, ParallelAdapterConfig(r=r, scale=s))
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            mine.down.load_state_dict(ref.down.state_dict())
+            mine.up.load_state_dict(ref.up.state_dict())
+            if scale == "learned":
+                mine.scale.fill_(s)  # as if trained
+            want = ref(x, h, None)
+        got = call(name, mine, x, h, nn.LayerNorm(d), hint="forward(x, h, norm) gets x and h of shape (B, T, d).")
         if not isinstance(got, torch.Tensor) or got.shape != x.shape:
             fail(name, f"forward(x, h, norm) should return Δh of shape {tuple(x.shape)}")
-        if not torch.allclose(got, ref(x, h, None), atol=1e-5):
-            fail(name, "forward gives the wrong Δh: " + _diagnose(got, x, h, module.down, module.up, 4.0) + ".")
+        if not torch.allclose(got, want, atol=1e-5):
+            what = f"scale={scale!r}" + (f" (s = {s})" if scale == "learned" else "")
+            with torch.no_grad():
+                fail(name, f"forward gives the wrong Δh with {what}: {_diagnose(got, x, h, mine.down, mine.up, s)}.")
+        if scale == "learned":
+            grad = torch.autograd.grad(got.sum(), mine.scale, allow_unused=True)[0] if got.requires_grad else None
+            if grad is None or not torch.allclose(grad, (want / s).sum(), rtol=1e-4, atol=1e-4):
+                fail(name, "the scale is detached: no gradient reaches s, so a learned s never trains. Keep s a "
+                     "tensor in the graph all the way to Δh (float(...) or .item() turn it into a constant, in "
+                     "forward or in parallel_delta).")
     passed(name, "He et al.'s init (W_down Kaiming-uniform, W_up = 0), fixed or learned s, Δh = s·A(x)")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.encoder import Attention, EncoderConfig
-from . import fail, passed
+from . import fail, max_error, passed
 
 TINY = EncoderConfig(vocab_size=100, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
                      max_position=24, type_vocab_size=1, attention_dropout=0.0, dropout=0.0, name="tiny")
@@ -39,20 +39,29 @@ def reference(x, attn: Attention, prefix, key_mask):
         del attn.deltas["capture"]
 
 
-def _attend(q, k, v, mask, H):
+def _attend(q, k, v, mask, H, scale=None, dim=-1):
+    """Attention by hand on (B, ·, d) tensors: a bool mask (B, keys) masks (True = attend), a float one is added to
+    the scores (as scaled_dot_product_attention does); the softmax runs over ``dim`` (-1: the keys)."""
     split = lambda t: t.view(t.shape[0], t.shape[1], H, -1).transpose(1, 2)  # noqa: E731  (B, H, ·, d_h)
-    m = None if mask is None else mask[:, None, None, :]
-    return F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=m).transpose(1, 2).flatten(2)
+    q, k, v = split(q), split(k), split(v)
+    scores = q @ k.mT * (q.shape[-1] ** -0.5 if scale is None else scale)  # (B, H, T, keys)
+    if mask is not None:
+        m = mask[:, None, None, :]
+        scores = scores + m if m.is_floating_point() else scores.masked_fill(~m, float("-inf"))
+    return (scores.softmax(dim) @ v).transpose(1, 2).flatten(2)
 
 
 def wrong_answers(q, k, v, pk, pv, key_mask, H) -> dict[str, torch.Tensor]:
     """Outputs of plausible mistakes, to name the one a learner made (a prefix masked out = no prefix)."""
     B, l = q.shape[0], pk.shape[0]
     K, V = torch.cat([pk.expand(B, -1, -1), k], 1), torch.cat([pv.expand(B, -1, -1), v], 1)
-    out = {"no_mask": _attend(q, K, V, None, H), "no_prefix": _attend(q, k, v, key_mask, H)}
+    mask = None if key_mask is None else torch.cat([key_mask.new_ones(B, l), key_mask], 1)
+    out = {"no_mask": _attend(q, K, V, None, H), "no_prefix": _attend(q, k, v, key_mask, H),
+           "softmax_axis": _attend(q, K, V, mask, H, dim=-2), "no_scale": _attend(q, K, V, mask, H, scale=1.0),
+           "scale_d": _attend(q, K, V, mask, H, scale=q.shape[-1] ** -0.5), "one_head": _attend(q, K, V, mask, 1)}
     if key_mask is not None:
-        ones = key_mask.new_ones(B, l)
-        out["mask_at_end"] = _attend(q, K, V, torch.cat([key_mask, ones], 1), H)
+        out["mask_at_end"] = _attend(q, K, V, torch.cat([key_mask, key_mask.new_ones(B, l)], 1), H)
+        out["float_mask"] = _attend(q, K, V, mask.float(), H)
     return out
 
 
@@ -63,7 +72,36 @@ HINTS = {
                    "no longer lines up with the real keys. Put the l ones in front: cat([ones(B, l), key_mask]).",
     "no_prefix": "the output ignores the prefix: your queries never attend to it. Concatenate prefix_k / prefix_v "
                  "in front of k / v, and mark those l key columns True (attend) in the mask, not False.",
+    "softmax_axis": "the softmax runs over the wrong axis: each query's weights over its l + T keys must sum to 1, "
+                    "so normalise over the keys, the last axis of the (B, H, T, l + T) scores.",
+    "no_scale": "the scores are not scaled: divide them by √d_h, d_h = d / num_heads the width of one head.",
+    "scale_d": "the scores are divided by √d: the scale is 1/√d_h, d_h = d / num_heads the width of one head.",
+    "one_head": "the heads were not split: attention runs in each head separately, on (B, H, ·, d_h) with "
+                "d_h = d / num_heads, and the heads are merged back afterwards.",
+    "float_mask": "the mask is a float tensor (ones made as floats turn the whole concatenation into floats), and "
+                  "scaled_dot_product_attention adds a float mask to the scores instead of masking: keep the mask "
+                  "bool, True = attend.",
 }
+
+
+def _nonfinite_hint(fn, q, k, v, pk, pv, H) -> str:
+    """nan/inf in the output: most likely a softmax over a row of -inf scores. Is it the softmax's axis (seen
+    without the mask too) or the mask?"""
+    B = q.shape[0]
+    K, V = torch.cat([pk.expand(B, -1, -1), k], 1), torch.cat([pv.expand(B, -1, -1), v], 1)
+    try:
+        free = fn(q, k, v, pk, pv, None, H)  # the same inputs without a mask
+    except Exception:  # noqa: BLE001
+        free = None
+    if isinstance(free, torch.Tensor) and free.shape == q.shape and torch.isfinite(free).all():
+        if torch.allclose(free, _attend(q, K, V, None, H, dim=-2), atol=1e-5):
+            return HINTS["softmax_axis"] + (" (Over the queries, a padded key's column is -inf for every query, "
+                                            "and its softmax is nan.)")
+        return ("without the mask your output is finite, so the mask causes it: a query whose every key is masked "
+                "(-inf) gets a softmax of nan. Is the mask inverted (True must mean attend), or are the prefix's "
+                "columns False?")
+    return ("a softmax over scores that are all -inf gives nan: check that the softmax runs over the keys (the last "
+            "axis of the (B, H, T, l + T) scores) and that the mask is True for every key to attend, prefix included.")
 
 
 def _cases():
@@ -98,8 +136,9 @@ def check_prefix_attention(fn) -> None:
             except NotImplementedError:
                 raise
             except Exception as e:  # noqa: BLE001 -- the learner's code may raise anything
-                hint = ("The keys now have l + T positions: does the mask have l + T columns too (ones in front)? "
-                        "And is the prefix concatenated on the sequence axis (dim 1 of (B, T, d))?")
+                hint = ("The keys now have l + T positions: does the mask have l + T columns too (ones in front), "
+                        "shaped (B, 1, 1, l + T) to broadcast over heads and queries? And is the prefix concatenated "
+                        "on the sequence axis (dim 1 of (B, T, d))?")
                 fail(name, f"calling it ({where}) raised {type(e).__name__}: {e}. {hint}")
             if not isinstance(got, torch.Tensor):
                 fail(name, f"should return a tensor (B, T, d), got {type(got).__name__}")
@@ -111,16 +150,20 @@ def check_prefix_attention(fn) -> None:
                         (2 * B, T, d): "the prefix was concatenated on the batch axis: expand it to (B, l, d) and "
                                        "prepend it along the sequence axis (dim 1).",
                         (B + 1, T, d): "the prefix was concatenated on the batch axis: prepend it along the "
-                                       "sequence axis (dim 1) after expanding it to (B, l, d)."}
+                                       "sequence axis (dim 1) after expanding it to (B, l, d).",
+                        (B, H, T, d // H): "the heads were not merged back: bring the head axis next to d_h again "
+                                           "and merge the two into d, giving (B, T, d).",
+                        (B, T, H, d // H): "the heads were not merged back: merge the last two axes into d."}
                 fail(name, f"returned shape {tuple(got.shape)} ({where}), expected {(B, T, d)}: "
                      + hint.get(tuple(got.shape), "concatenate the prefix along the sequence axis, in front."))
+            if not torch.isfinite(got).all():
+                fail(name, f"the output has nan or inf values ({where}): " + _nonfinite_hint(fn, q, k, v, pk, pv, H))
             if torch.allclose(got, want, atol=1e-5):
                 continue
             for mistake, out in wrong_answers(q, k, v, pk, pv, key_mask, H).items():
                 if torch.allclose(got, out, atol=1e-5) and not torch.allclose(out, want, atol=1e-5):
                     fail(name, f"wrong output ({where}): {HINTS[mistake]}")
-            err = (got - want).abs().max().item()
-            fail(name, f"wrong output ({where}): max error {err:.3g}. Check the split into heads (B, H, T, d_h), "
+            fail(name, f"wrong output ({where}): {max_error(got, want)}. Check the split into heads (B, H, T, d_h), "
                        "the scale 1/√d_h, and that prefix_k / prefix_v are concatenated in front of k / v along the "
                        "sequence axis (a wrong axis of the same size runs but mixes features or heads).")
     passed(name, "matches minipeft's Attention with a prefix on 4 cases (padding, l = T, l > T, no mask)")
