@@ -1,112 +1,34 @@
-"""The PEFT core API, shared by every method: attach named adapters, freeze, (de)activate, count, save, load.
+"""The user-facing verbs: add / delete / activate / train / count / save / load adapters by name.
 
-Conventions every method follows:
-- A method is a config dataclass (subclass of ``AdapterConfig``, validated in ``__post_init__``, registered
-  with ``@register_method``) whose ``attach(model, name)`` creates ``AdapterModule``s inside the model.
-- Every ``AdapterModule`` sits in an ``nn.ModuleDict`` under its adapter's name (a site's ``deltas``, the
-  encoder's ``prefixes``, a wrapped layer's slots), so one model holds several named adapters and removing
-  one is deleting those keys.
-- An inactive module contributes nothing: a model with every adapter inactive is exactly the base model.
+They work on any model through ``minipeft.core`` (the protocol and registry) and the backbone contract; importing
+this module imports every method (``minipeft.methods``), so ``load_adapter`` can rebuild any saved adapter.
+Every verb that fails leaves the model exactly as it was (modules, hooks, weights, flags).
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from torch import nn
 
-from .backbones.encoder import Encoder
+from . import methods  # noqa: F401  (registers every method)
+from .backbones.contract import Backbone, find_backbone
+from .core import (METHODS, AdapterConfig, AdapterModule, adapter_configs, adapter_modules,  # noqa: F401
+                   adapter_names, add_output_delta, config_from_dict, match_modules, register_method,
+                   remove_output_delta)  # the protocol, re-exported: ``from minipeft.api import AdapterModule``
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter.safetensors"
 
 
-class AdapterModule(nn.Module):
-    """Base of every module a method adds. ``adapter_name`` ties it to its adapter; ``active`` switches it."""
-
-    def __init__(self, adapter_name: str):
-        super().__init__()
-        self.adapter_name, self.active = adapter_name, True
-
-    def on_delete(self) -> None:
-        """Called by ``delete_adapter`` just before removal: undo what the module changed outside itself
-        (a merged LoRA takes its ΔW back out of the base weight). Default: nothing."""
-
-    def stored_parameter_count(self) -> int:
-        """Parameters that must be saved for inference (methods with a training-only part override it)."""
-        return sum(p.numel() for p in self.parameters())
-
-
-@dataclass
-class AdapterConfig:
-    """Base of method configs. Subclasses set ``method`` and implement ``attach``."""
-
-    method: ClassVar[str] = ""
-
-    def attach(self, model: nn.Module, name: str) -> None:
-        raise NotImplementedError
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-METHODS: dict[str, type[AdapterConfig]] = {}
-
-
-def register_method(config_class: type[AdapterConfig]) -> type[AdapterConfig]:
-    """Class decorator: make a config loadable by its ``method`` name."""
-    METHODS[config_class.method] = config_class
-    return config_class
-
-
-def config_from_dict(method: str, values: dict) -> AdapterConfig:
-    if method not in METHODS:
-        raise ValueError(f"unknown adapter method {method!r}; registered methods: {sorted(METHODS)}")
-    known = {f.name for f in fields(METHODS[method])}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{method} config has unknown fields {unknown}; allowed: {sorted(known)}")
-    return METHODS[method](**values)
-
-
-# ---- finding things -----------------------------------------------------------------------------------------
-
-def find_encoder(model: nn.Module) -> Encoder:
-    """Our encoder: the model itself, or its ``.encoder`` (e.g. a SequenceClassifier)."""
-    for candidate in (model, getattr(model, "encoder", None)):
-        if isinstance(candidate, Encoder):
-            return candidate
-    raise TypeError(f"this method attaches to minipeft's Encoder (or a model whose .encoder is one), "
-                    f"got {type(model).__name__}; use its generic targets=... form for other modules")
-
-
-def adapter_modules(model: nn.Module, name: str | None = None) -> dict[str, AdapterModule]:
-    """Path -> module for every adapter module (of adapter ``name``, or all), outermost only."""
-    found = {}
-    for path, module in model.named_modules():
-        if isinstance(module, AdapterModule) and (name is None or module.adapter_name == name):
-            if not any(path.startswith(p + ".") for p in found):
-                found[path] = module
-    return found
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    return sorted({m.adapter_name for m in adapter_modules(model).values()})
-
-
-def match_modules(model: nn.Module, targets, kind=nn.Module) -> dict[str, nn.Module]:
-    """Modules of type ``kind`` whose name equals a target, ends with ``.target``, or fully matches it as a regex."""
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    hits = {n: m for n, m in model.named_modules() if isinstance(m, kind) and not isinstance(m, AdapterModule)
-            and any(n == t or n.endswith("." + t) or re.fullmatch(t, n) for t in targets)}
-    if not hits:
-        names = [n for n, m in model.named_modules() if isinstance(m, kind) and n]
-        raise ValueError(f"no {kind.__name__} in the model matches targets {targets}; "
-                         f"available names include {names[:8]}")
-    return hits
+def _config_home(model: nn.Module) -> nn.Module:
+    """Where an adapter's config is kept: the backbone when there is one (so a task model and its backbone agree)."""
+    try:
+        return find_backbone(model)
+    except TypeError:
+        return model
 
 
 # ---- attach / remove / activate / freeze --------------------------------------------------------------------
@@ -119,28 +41,39 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
         raise ValueError(f"adapter name must be a Python identifier (letters, digits, _), got {name!r}")
     if name in adapter_names(model):
         raise ValueError(f"an adapter named {name!r} already exists in this model; existing: {adapter_names(model)}")
+    home = _config_home(model)
     try:
         config.attach(model, name)
         if not adapter_modules(model, name):
             raise RuntimeError(f"{config.method}.attach created no AdapterModule")
     except Exception:
-        delete_adapter(model, name, missing_ok=True)
+        _remove_modules(model, name)
         raise
-    for module in adapter_modules(model, name).values():
-        module.config = config  # so save_adapter knows the hyperparameters
+    home.__dict__.setdefault("adapter_configs", {})[name] = config  # kept once, on the model
     return model
 
 
-def delete_adapter(model: nn.Module, name: str, missing_ok: bool = False) -> None:
-    """Remove every module of adapter ``name`` (the ModuleDict entries that hold them)."""
-    removed = False
-    for module in list(model.modules()):
-        if isinstance(module, nn.ModuleDict) and isinstance(module._modules.get(name), AdapterModule):
-            module[name].on_delete()
-            del module[name]
-            removed = True
-    if not removed and not missing_ok:
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``: its modules (each undoes what it changed outside itself first), the containers
+    and hooks that only it needed, and its config. The model is then as if it had never been added."""
+    if name not in adapter_names(model):
         raise KeyError(f"no adapter named {name!r}; existing: {adapter_names(model)}")
+    _remove_modules(model, name)
+    for module in model.modules():
+        module.__dict__.get("adapter_configs", {}).pop(name, None)
+
+
+def _remove_modules(model: nn.Module, name: str) -> None:
+    """Delete every module of adapter ``name`` from the ModuleDict that holds it; an emptied output site goes too."""
+    for path, module in adapter_modules(model, name).items():
+        module.on_delete()
+        parent_path, _, key = path.rpartition(".")
+        container = model.get_submodule(parent_path)
+        owner_path, _, container_name = parent_path.rpartition(".")
+        if container_name == "output_deltas":
+            remove_output_delta(model.get_submodule(owner_path), key)
+        else:
+            del container[key]
 
 
 def set_active(model: nn.Module, *names: str) -> None:
@@ -161,15 +94,15 @@ def deactivate(model: nn.Module, name: str) -> None:
 
 
 def train_adapter(model: nn.Module, name: str, train_norms: bool = False, train_head: bool = True) -> None:
-    """Freeze everything except adapter ``name`` (optionally also all LayerNorms, as Houlsby et al. 2019 §2.1
-    do, and the task head ``model.head``), and make it the only active adapter."""
+    """Freeze everything except adapter ``name`` (optionally also all LayerNorms / RMSNorms, as Houlsby et al.
+    2019 §2.1 do, and the task head ``model.head``), and make it the only active adapter."""
     set_active(model, name)
     model.requires_grad_(False)
     for module in adapter_modules(model, name).values():
         module.requires_grad_(True)
     if train_norms:
         for module in model.modules():
-            if isinstance(module, nn.LayerNorm):
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.requires_grad_(True)
     head = getattr(model, "head", None)
     if train_head and isinstance(head, nn.Module):
@@ -224,33 +157,42 @@ def parameter_summary(model: nn.Module, name: str) -> ParameterSummary:
         seen.update(id(p) for p in fresh)
         per_layer[key] = per_layer.get(key, 0) + sum(p.numel() for p in fresh)
     return ParameterSummary(
-        name=name, backbone=backbone, adapter=sum(per_layer.values()),
-        stored=sum(m.stored_parameter_count() for m in modules.values()),
+        name=name, backbone=backbone, adapter=sum(per_layer.values()), stored=stored_count(modules.values()),
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad), per_layer=per_layer)
+
+
+def stored_count(modules) -> int:
+    """Parameters to store for inference of these adapter modules: each module's ``stored_parameter_count()``,
+    less what an earlier module already counted (a tensor shared by several modules is stored once)."""
+    seen, total = set(), 0
+    for module in modules:
+        params = list(module.parameters())
+        shared = sum(p.numel() for p in params if id(p) in seen)
+        seen.update(id(p) for p in params)
+        total += max(0, module.stored_parameter_count() - shared)
+    return total
 
 
 # ---- saving and loading -------------------------------------------------------------------------------------
 
 def _root(model: nn.Module) -> nn.Module:
-    """Paths are saved relative to the encoder when there is one, so classifier and bare encoder agree."""
-    try:
-        return find_encoder(model)
-    except TypeError:
-        return model
+    """Paths are saved relative to the backbone when there is one, so a task model and its backbone agree."""
+    return _config_home(model)
 
 
 def _backbone_identity(model: nn.Module) -> dict:
     root = _root(model)
-    if isinstance(root, Encoder):
-        c = root.cfg
-        return {"name": c.name, "model_type": c.model_type, "hidden_size": c.hidden_size, "num_layers": c.num_layers}
-    return {"name": type(root).__name__, "hidden_size": None, "num_layers": None}
+    if isinstance(root, Backbone):
+        return root.identity()
+    return {"family": None, "name": type(root).__name__, "hidden_size": None, "num_layers": None}
 
 
-def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """Path -> tensor of adapter ``name``; a tensor shared by several modules is kept once (first path)."""
+def adapter_state_dict(model: nn.Module, name: str, saved_as: str | None = None) -> dict[str, torch.Tensor]:
+    """Path -> tensor of adapter ``name``; a tensor shared by several modules is kept once (first path).
+    Each module's path ends with the adapter's name (its ModuleDict key); ``saved_as`` writes another there."""
     state, seen = {}, set()
     for path, module in adapter_modules(_root(model), name).items():
+        path = path[: len(path) - len(name)] + (saved_as or name)
         for key, tensor in module.state_dict(keep_vars=True).items():
             if id(tensor) not in seen:
                 seen.add(id(tensor))
@@ -259,10 +201,10 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def adapter_config(model: nn.Module, name: str) -> AdapterConfig:
-    modules = adapter_modules(model, name)
-    if not modules:
+    configs = adapter_configs(model)
+    if name not in configs:
         raise KeyError(f"no adapter named {name!r}; existing: {adapter_names(model)}")
-    return next(iter(modules.values())).config
+    return configs[name]
 
 
 def save_adapter(model: nn.Module, name: str, directory: str | Path) -> Path:
@@ -279,31 +221,53 @@ def save_adapter(model: nn.Module, name: str, directory: str | Path) -> Path:
     return directory
 
 
-def load_adapter(model: nn.Module, directory: str | Path, name: str | None = None) -> AdapterConfig:
-    """Attach a saved adapter (under its saved name unless ``name`` is given) and load its tensors.
-
-    Fails with a clear error, leaving the model untouched, when the backbone's hidden size or depth differs,
-    the method is unknown, or the tensors do not fit."""
+def read_saved_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The config record and the tensors of a saved adapter, or an error naming the file and what is wrong."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    if not (directory / CONFIG_FILE).exists() or not (directory / WEIGHTS_FILE).exists():
+    config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not config_file.is_file() or not weights_file.is_file():
         raise FileNotFoundError(f"{directory} is not a saved adapter: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
-    meta = json.loads((directory / CONFIG_FILE).read_text())
+    try:
+        meta = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e}); it should be what save_adapter wrote") from None
+    missing = [k for k in ("method", "name", "config", "backbone") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ValueError(f"{config_file} lacks {missing}; a saved adapter's config has method, name, config "
+                         "and backbone")
+    try:
+        state = load_file(str(weights_file))
+    except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
+        raise ValueError(f"{weights_file} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                         "it may be truncated or corrupt: save the adapter again") from None
+    return meta, state
+
+
+def load_adapter(model: nn.Module, directory: str | Path, name: str | None = None) -> AdapterConfig:
+    """Attach a saved adapter (under its saved name unless ``name`` is given) and load its tensors.
+
+    Fails with a clear error, leaving the model untouched, when a file is missing or unreadable, the backbone
+    differs (family, hidden size, depth, key/value width), the method is unknown, or a tensor does not fit."""
+    meta, state = read_saved_adapter(directory)
     saved, here = meta["backbone"], _backbone_identity(model)
-    for key in ("hidden_size", "num_layers"):
-        if saved.get(key) is not None and saved[key] != here[key]:
+    for key in ("family", "hidden_size", "num_layers", "kv_width"):
+        if saved.get(key) is not None and here.get(key) is not None and saved[key] != here[key]:
             raise ValueError(f"adapter in {directory} was trained on a backbone with {key}={saved[key]} "
-                             f"({saved['name']}); this model has {key}={here[key]} ({here['name']})")
+                             f"({saved.get('name')}); this model has {key}={here[key]} ({here['name']})")
     config = config_from_dict(meta["method"], meta["config"])
     name = name or meta["name"]
-    state = load_file(str(directory / WEIGHTS_FILE))
     add_adapter(model, config, name)
     try:
-        expected = adapter_state_dict(model, name)
-        if set(expected) != set(state) or any(expected[k].shape != state[k].shape for k in state):
-            raise ValueError(f"tensors in {directory} do not fit a {meta['method']} adapter on this model "
-                             f"(expected {len(expected)} tensors, file has {len(state)}, or shapes differ)")
+        expected = adapter_state_dict(model, name, saved_as=meta["name"])
+        problems = [f"missing {k}" for k in sorted(set(expected) - set(state))]
+        problems += [f"unexpected {k}" for k in sorted(set(state) - set(expected))]
+        problems += [f"{k}: file has shape {tuple(state[k].shape)}, this model needs {tuple(expected[k].shape)}"
+                     for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+        if problems:
+            raise ValueError(f"tensors in {Path(directory) / WEIGHTS_FILE} do not fit a {meta['method']} adapter "
+                             f"on this model ({len(problems)} problems): " + "; ".join(problems[:5]))
         with torch.no_grad():
             for key, tensor in state.items():
                 expected[key].copy_(tensor)
@@ -311,37 +275,3 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         delete_adapter(model, name)
         raise
     return config
-
-
-# ---- a site on any module's output (for models minipeft did not write) --------------------------------------
-
-def _output_delta_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    """h = module(x); h ← h + Δh for each active attached module (same protocol as a site, no LayerNorm).
-    A module may return None: nothing to add (a merged LoRA, whose ΔW is already in the weight)."""
-    for delta in module.output_deltas.values():
-        if delta.active:
-            dh = delta(inputs[0], output, None)
-            if dh is not None:
-                output = output + dh
-    return output
-
-
-def add_output_delta(target: nn.Module, name: str, delta: AdapterModule) -> None:
-    """Make ``target``'s output a site: its output h becomes h + delta(x, h, None), x its first input."""
-    if isinstance(target, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-        raise TypeError(f"cannot make a {type(target).__name__}'s output a site (a child module would become one "
-                        "of its layers); target its last layer instead")
-    if not hasattr(target, "output_deltas"):
-        target.output_deltas = nn.ModuleDict()
-        target.register_forward_hook(_output_delta_hook)
-    target.output_deltas[name] = delta
-
-
-def remove_output_delta(target: nn.Module, name: str) -> None:
-    """Detach ``name`` from ``target``'s output site; the last one out removes the site (container and hook)."""
-    del target.output_deltas[name]
-    if not len(target.output_deltas):
-        del target.output_deltas
-        for key, hook in list(target._forward_hooks.items()):
-            if hook is _output_delta_hook:
-                del target._forward_hooks[key]

@@ -5,14 +5,13 @@
 writes ``comparison.json`` (every Result), ``comparison.md`` (a table, the command, budget and versions) and
 ``comparison.png`` (test accuracy vs % of the backbone trained, log x).
 
-Adding a method (one call, in the "registered methods" block at the bottom of this file, lesson order)::
+The methods are the recipes their own files register (``minipeft.core.Recipe``), e.g. in ``methods/lora.py``::
 
-    def _prepare_lora(model):                      # model: a fresh SequenceClassifier, seeded
-        add_lora(model.encoder, LoRAConfig(r=8))   # attach ...
-        freeze(model, except_=("lora", "head"))    # ... and leave only the method's parameters + head trainable
+    register_recipe(Recipe.adapter("lora", lesson="02", lr=2e-3, make=lambda r: LoRAConfig(r=r, alpha=2 * r),
+                                   knob=Knob("rank r", (1, 2, 4, 8, 16), 8), description="LoRA (Hu et al. 2021)"))
 
-    register(MethodSpec("lora", lesson="02", lr=1e-3, prepare=_prepare_lora, config={"r": 8},
-                        description="LoRA r=8 on W_q, W_v (Hu et al. 2021)"))
+``build_model`` is the one builder of task models: lessons, this harness and the tests use it, so the same
+method, task and seed give the same numbers everywhere.
 """
 from __future__ import annotations
 
@@ -21,48 +20,20 @@ import json
 import shlex
 import statistics
 import sys
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .core import RECIPES, Recipe, get_recipe, register_recipe
 from .train import Budget, Result, SequenceClassifier, seed_everything, train
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """A method as the harness runs it. ``prepare(model)`` attaches the method's modules to a fresh
-    ``SequenceClassifier`` and sets ``requires_grad`` (the head normally stays trainable)."""
-    name: str
-    lesson: str                                   # "00".."08": where the course teaches it
-    lr: float                                     # tuned for Budget.lesson()
-    prepare: Callable[[SequenceClassifier], None]
-    config: dict = field(default_factory=dict)    # hyperparameters, recorded in the Result
-    description: str = ""
-
-    def __post_init__(self):
-        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"method name must be letters, digits, '-' or '_', got {self.name!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr of {self.name!r} must be > 0, got {self.lr}")
-        if not callable(self.prepare):
-            raise TypeError(f"prepare of {self.name!r} must be a function prepare(model) -> None")
+# Each method file registers its recipes (``minipeft.core.Recipe``); the harness reads them, in lesson order.
+MethodSpec, register, get_method = Recipe, register_recipe, get_recipe
+METHODS = RECIPES
 
 
-METHODS: dict[str, MethodSpec] = {}
-
-
-def register(spec: MethodSpec, replace: bool = False) -> MethodSpec:
-    """Add a method to ``METHODS`` (``replace=True`` to overwrite an existing name)."""
-    if spec.name in METHODS and not replace:
-        raise ValueError(f"method {spec.name!r} is already registered; pass replace=True to overwrite it")
-    METHODS[spec.name] = spec
-    return spec
-
-
-def get_method(name: str) -> MethodSpec:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; registered methods: {sorted(METHODS)}")
-    return METHODS[name]
+def in_lesson_order() -> list[str]:
+    return sorted(RECIPES, key=lambda name: RECIPES[name].lesson)
 
 
 def build_model(spec: MethodSpec | str, task: str = "sentiment", seed: int = 0, encoder=None) -> SequenceClassifier:
@@ -86,7 +57,7 @@ def run_comparison(methods=None, task: str = "sentiment", seeds=(0,), budget: Bu
     ``on_result(results_so_far)`` is called after each run (``main`` writes the files then, so a crash or an
     interrupt keeps what finished)."""
     budget = budget or Budget.from_env()
-    specs = [get_method(m) for m in (methods or list(METHODS))]
+    specs = [get_method(m) for m in (methods or in_lesson_order())]
     results = []
     for spec in specs:
         for seed in seeds:
@@ -199,7 +170,7 @@ def main(argv=None) -> list[Result]:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--fast", action="store_true", help="the CI budget (Budget.fast()); also MINIPEFT_FAST=1")
     p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
-                   help=f"default: all registered ({' '.join(METHODS)})")
+                   help=f"default: all registered ({' '.join(in_lesson_order())})")
     p.add_argument("--out", default="results", help="output folder (default results/)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -215,116 +186,3 @@ def main(argv=None) -> list[Result]:
     print(markdown_table(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return results
-
-
-# ---- registered methods (lesson order; method lessons add theirs here) ----------------------------------------
-
-def _prepare_full(model: SequenceClassifier) -> None:
-    """Full fine-tuning: every parameter trains."""
-    model.requires_grad_(True)
-
-
-def _prepare_head(model: SequenceClassifier) -> None:
-    """Head only (a linear probe): the encoder is frozen, only the classification head trains."""
-    model.encoder.requires_grad_(False)
-    model.head.requires_grad_(True)
-
-
-register(MethodSpec("full", lesson="00", lr=1e-4, prepare=_prepare_full,
-                    description="full fine-tuning: all encoder parameters + head"))
-register(MethodSpec("head", lesson="00", lr=3e-3, prepare=_prepare_head,
-                    description="head only: frozen encoder, linear head on mean-pooled states"))
-
-
-def _prepare_bottleneck(placement: str, m: int):
-    """Bottleneck adapters h <- h + W_up f(W_down h + b_down) + b_up (Houlsby et al. 2019, §2.1): ``houlsby`` two per
-    layer, ``pfeiffer`` one per layer at the FFN (Pfeiffer et al. 2021); only the adapters and the head train."""
-    def prepare(model: SequenceClassifier) -> None:
-        from .api import add_adapter, train_adapter
-        from .methods.bottleneck import BottleneckConfig
-
-        add_adapter(model, BottleneckConfig(placement=placement, bottleneck=m), placement)
-        train_adapter(model, placement)
-    return prepare
-
-
-register(MethodSpec("houlsby", lesson="01", lr=3e-3, prepare=_prepare_bottleneck("houlsby", 32),
-                    config={"placement": "houlsby", "bottleneck": 32},
-                    description="Houlsby adapters m=32, two per layer (1.33% of MiniLM; Houlsby et al. 2019)"))
-register(MethodSpec("pfeiffer", lesson="01", lr=3e-3, prepare=_prepare_bottleneck("pfeiffer", 64),
-                    config={"placement": "pfeiffer", "bottleneck": 64},
-                    description="Pfeiffer adapter m=64, one per layer at the FFN (1.32% of MiniLM; Pfeiffer et al. 2021)"))
-
-
-def _prepare_lora(model: SequenceClassifier) -> None:
-    """LoRA r=8, α=16 on W_q, W_v: h = W0 x + (α/r) B A x (Hu et al. 2021, Eq. 3), 0.33% of MiniLM; only A, B and
-    the head train. After training, ``merge_and_unload`` folds it into the weights (no inference cost)."""
-    from .api import add_adapter, train_adapter
-    from .methods.lora import LoRAConfig
-
-    add_adapter(model, LoRAConfig(r=8, alpha=16, targets=["q", "v"]), "lora")
-    train_adapter(model, "lora")
-
-
-register(MethodSpec("lora", lesson="02", lr=2e-3, prepare=_prepare_lora,
-                    config={"r": 8, "alpha": 16, "targets": ["q", "v"]},
-                    description="LoRA r=8, alpha=16 on W_q, W_v (0.33% of MiniLM; Hu et al. 2021), mergeable"))
-
-
-def _prepare_compacter(name: str):
-    """Compacter (Houlsby placement) / Compacter++ (FFN, Pfeiffer placement), k=24, n=4: adapters whose projections
-    are W = Σ A_i ⊗ s_i t_iᵀ with A shared by all layers (Karimi Mahabadi et al. 2021); adapter + head train.
-    lr 3e-3 as in the paper (and in results/ and lesson 03's full run); a short probe (640 examples, 1 epoch) gave
-    validation 0.620 / 0.678 / 0.750 at 1e-3 / 3e-3 / 1e-2, so 1e-2 is worth a try on the full budget."""
-    def prepare(model: SequenceClassifier) -> None:
-        from .api import add_adapter, train_adapter
-        from .methods.compacter import CompacterConfig, CompacterPPConfig
-
-        add_adapter(model, {"compacter": CompacterConfig, "compacter_pp": CompacterPPConfig}[name](bottleneck=24, n=4),
-                    name)
-        train_adapter(model, name)
-    return prepare
-
-
-register(MethodSpec("compacter", lesson="03", lr=3e-3, prepare=_prepare_compacter("compacter"),
-                    config={"bottleneck": 24, "n": 4, "rank": 1, "placement": "houlsby"},
-                    description="Compacter k=24, n=4 (0.065% of MiniLM; Karimi Mahabadi et al. 2021)"))
-register(MethodSpec("compacter_pp", lesson="03", lr=3e-3, prepare=_prepare_compacter("compacter_pp"),
-                    config={"bottleneck": 24, "n": 4, "rank": 1, "placement": "pfeiffer"},
-                    description="Compacter++ k=24, n=4, FFN only (0.033% of MiniLM; Karimi Mahabadi et al. 2021)"))
-
-
-def _prepare_parallel(scale):
-    """Parallel adapter on every FFN site, r=96 (with the head 1.98% of MiniLM, within 2%), h ← h + s·A(x)
-    (He et al. 2022, §4.1); only the adapter and the head train."""
-    def prepare(model: SequenceClassifier) -> None:
-        from .api import add_adapter, train_adapter
-        from .methods.parallel import ParallelAdapterConfig
-
-        add_adapter(model.encoder, ParallelAdapterConfig(r=96, placement="ffn", scale=scale), "parallel")
-        train_adapter(model, "parallel")
-    return prepare
-
-
-register(MethodSpec("parallel", lesson="04", lr=2e-3, prepare=_prepare_parallel(1.0),
-                    config={"r": 96, "placement": "ffn", "scale": 1.0},
-                    description="parallel adapter r=96 on the FFN, s=1 (He et al. 2022)"))
-register(MethodSpec("scaled_parallel", lesson="04", lr=2e-3, prepare=_prepare_parallel(4.0),
-                    config={"r": 96, "placement": "ffn", "scale": 4.0},
-                    description="scaled parallel adapter r=96 on the FFN, s=4 (He et al. 2022, §4.1)"))
-
-
-def _prepare_prefix(model: SequenceClassifier) -> None:
-    """Prefix tuning, l=30, reparameterised P = MLP(P') with k=512 (Li & Liang 2021, §4.3); only the prefix and the
-    head train. Inference needs only P: the stored count is the ejected 2·l·d·L (``eject_prefix`` drops the MLP
-    without changing the outputs, within 1e-6)."""
-    from .api import add_adapter, train_adapter
-    from .methods.prefix import PrefixConfig
-
-    add_adapter(model.encoder, PrefixConfig(length=30, hidden=512, reparameterize=True), "prefix")
-    train_adapter(model, "prefix")
-
-
-register(MethodSpec("prefix", lesson="05", lr=1e-3, prepare=_prepare_prefix,
-                    config={"length": 30, "hidden": 512, "reparameterize": True},
-                    description="prefix tuning l=30, reparameterised (k=512), ejected for inference (Li & Liang 2021)"))

@@ -147,18 +147,15 @@ def stored_parameter_count(model: nn.Module) -> int:
     return visit(model)
 
 
-def backbone_parameter_count(encoder: nn.Module) -> int:
-    """The denominator of every percentage: the pretrained encoder alone, nothing attached.
+def backbone_parameter_count(backbone: nn.Module) -> int:
+    """The denominator of every percentage: the pretrained backbone alone, nothing attached.
 
-    minipeft's ``Encoder`` is rebuilt from its config on the meta device (exact, no memory); any other
-    module is counted as it is (so count it before attaching anything).
+    A minipeft backbone is rebuilt from its config on the meta device (exact, no memory); any other module is
+    counted as it is (so count it before attaching anything).
     """
-    from .backbones.encoder import Encoder
+    from .backbones.contract import Backbone
 
-    if isinstance(encoder, Encoder):
-        with torch.device("meta"):
-            return count_parameters(Encoder(encoder.cfg))
-    return count_parameters(encoder)
+    return backbone.bare_parameter_count() if isinstance(backbone, Backbone) else count_parameters(backbone)
 
 
 def training_state_bytes(total_params: int, trainable_params: int, bytes_per_value: int = 4) -> int:

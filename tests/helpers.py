@@ -1,5 +1,16 @@
-"""Small helpers shared by the method tests (fixtures live in conftest.py)."""
+"""Small helpers shared by the method tests (fixtures live in conftest.py).
+
+``TOL``, the one tolerance of every numerical-equality test on model outputs. Two fp32 computations of the same
+function differ by rounding: the unit roundoff is u = 2⁻²⁴ ≈ 6e-8, and a dot product of length K summed in
+another order (blocked or fused GEMMs, another CPU's SIMD width, another thread count) differs by up to ≈ K·u
+times the sum of |terms| (Higham 2002, §3.1). Our hidden states pass ~15 GEMMs of K ≤ 1536 with entries of
+order 1-10: ≈ 1e-5 was seen between two machines, so the bound is 1e-4 on the largest difference at real tokens.
+A real bug (a dropped scale, a missing residual, a wrong mask) moves outputs by ≥ 1e-2: far above it (the tests
+``test_tolerance_catches_*`` show it).
+"""
 import torch
+
+TOL = 1e-4
 
 
 def run(model, batch):
@@ -8,6 +19,36 @@ def run(model, batch):
         return model(batch["input_ids"], batch["attention_mask"])
 
 
+def gap(a, b, mask=None) -> float:
+    """Largest |a − b| over real tokens (``mask`` (B, T), 1 = real; None = everywhere)."""
+    diff = (a - b).abs()
+    return float((diff[mask.bool()] if mask is not None else diff).max())
+
+
 def state(model):
     """A detached copy of the model's state dict (to check what changed)."""
     return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def structure(model):
+    """Everything that makes a model what it is: the module tree (names and types), every forward hook and
+    pre-hook, the state dict (names, values), ``requires_grad`` and ``training`` flags, and any adapter configs."""
+    return {
+        "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
+        "hooks": [(n, len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()],
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "training": [m.training for m in model.modules()],
+        "configs": {n: dict(m.__dict__.get("adapter_configs", {})) for n, m in model.named_modules()
+                    if m.__dict__.get("adapter_configs")},
+    }
+
+
+def assert_unchanged(model, before):
+    """The model is structurally identical to ``before = structure(model)``: nothing added, left or changed."""
+    after = structure(model)
+    for key in ("modules", "hooks", "grad", "training", "configs"):
+        assert after[key] == before[key], f"the model's {key} changed"
+    assert after["state"].keys() == before["state"].keys(), "the model's state dict keys changed"
+    changed = [k for k, v in after["state"].items() if not torch.equal(v, before["state"][k])]
+    assert not changed, f"tensors changed: {changed[:5]}"

@@ -8,7 +8,7 @@ import torch
 from minipeft import (BottleneckConfig, Encoder, activate, add_adapter, adapter_names, deactivate, delete_adapter,
                       load_adapter, parameter_summary, save_adapter, set_active, train_adapter)
 from minipeft.methods.bottleneck import houlsby_count, pfeiffer_count
-from helpers import run, state
+from helpers import TOL, run, state
 
 
 # ---- counts: closed form vs numel on a BERT-base-sized encoder ------------------------------------------------
@@ -73,7 +73,7 @@ def test_pfeiffer_formula(model):
     a = ffn.deltas["a"]
     u = ffn.norm(x + h)
     expected = ffn.norm(x + h + a.up(torch.relu(a.down(u))))
-    assert torch.allclose(ffn(x), expected, atol=1e-6)
+    assert torch.allclose(ffn(x), expected, atol=TOL)
 
 
 def test_houlsby_formula(model):
@@ -86,7 +86,7 @@ def test_houlsby_formula(model):
     q, k, v = (attn.split_heads(f(x)) for f in (attn.q, attn.k, attn.v))
     h = attn.o(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
     expected = attn.norm(x + h + a.up(torch.nn.functional.gelu(a.down(h))))
-    assert torch.allclose(attn(x), expected, atol=1e-5)
+    assert torch.allclose(attn(x), expected, atol=TOL)
 
 
 def test_only_adapter_parameters_train(model, batch):
@@ -140,7 +140,7 @@ def test_generic_modules_placement_equals_houlsby_on_transformers_bert(model, ba
     with torch.no_grad():
         hf_out = hf(**batch).last_hidden_state
     real = batch["attention_mask"].bool()
-    assert (hf_out - run(model, batch))[real].abs().max() < 1e-5
+    assert (hf_out - run(model, batch))[real].abs().max() < TOL
 
 
 # ---- bad input: clear errors, model unchanged -----------------------------------------------------------------

@@ -12,7 +12,7 @@ from minipeft.methods.bottleneck import houlsby_count, pfeiffer_count
 from minipeft.methods.compacter import (CompacterConfig, CompacterPPConfig, PHMAdapterConfig, compacter_count,
                                         paper_compacter_count, paper_phm_adapter_count, phm_adapter_count)
 from minipeft.methods.phm import PHMLinear, kron_sum, kron_sum_reference, phm_apply_factored, phm_layer_count
-from helpers import run
+from helpers import TOL, run
 
 CONFIGS = {"phm_adapter": PHMAdapterConfig, "compacter": CompacterConfig, "compacter_pp": CompacterPPConfig}
 
@@ -143,7 +143,7 @@ def test_compacter_pp_formula_and_placement(model):
     h = ffn.ffn_out(ffn.act(ffn.ffn_in(x)))
     u = ffn.norm(x + h)
     expected = ffn.norm(x + h + a.up(torch.nn.functional.gelu(a.down(u))))
-    assert torch.allclose(ffn(x), expected, atol=1e-5)
+    assert torch.allclose(ffn(x), expected, atol=TOL)
     assert not torch.allclose(ffn(x), ffn.norm(x + h), atol=1e-3)  # the adapter does something
 
 
@@ -230,7 +230,7 @@ def test_generic_modules_placement():
     base = net(x)
     add_adapter(net, CompacterConfig(placement="modules", targets=["2"], bottleneck=4, init_std=0.5), "a")
     delta = net[2].output_deltas["a"]
-    assert torch.allclose(net(x), base + delta.up(torch.nn.functional.gelu(delta.down(base))), atol=1e-6)
+    assert torch.allclose(net(x), base + delta.up(torch.nn.functional.gelu(delta.down(base))), atol=TOL)
 
 
 # ---- bad input: clear errors, model unchanged ----------------------------------------------------------------
@@ -274,7 +274,7 @@ def test_compare_registration_trains_adapter_and_head_only(method):
     assert trainable == compacter_count(384, 6, 24, 4, sites=2 if method == "compacter" else 1) + 2 * 384 + 2
 
 
-@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("method", ["compacter", "compacter_pp"])
 @pytest.mark.parametrize("backbone", ["MiniLM-L6", "BERT-base"])
 def test_explorer_entries_match_numel(method, backbone):
     from minipeft.widgets import BACKBONES, breakdown

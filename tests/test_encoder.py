@@ -7,6 +7,7 @@ from transformers import BertModel
 
 from minipeft.assets import minilm_path
 from minipeft.backbones.encoder import Encoder, EncoderConfig
+from helpers import TOL
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def test_equals_transformers_bert(minilm, hf_bert, tokenizer, sentences):
         theirs = hf_bert(**batch).last_hidden_state
         ours = minilm(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     real = batch["attention_mask"].bool()  # padded positions are undefined in both
-    assert (ours - theirs)[real].abs().max() < 1e-5
+    assert (ours - theirs)[real].abs().max() < TOL
 
 
 def test_from_hf_equals_from_pretrained(minilm, hf_bert):
@@ -50,7 +51,7 @@ def test_padding_does_not_change_real_tokens(minilm, tokenizer, sentences):
     with torch.no_grad():
         a = minilm(alone["input_ids"], alone["attention_mask"])
         b = minilm(padded["input_ids"], padded["attention_mask"])
-    assert (a[0] - b[0, :n]).abs().max() < 1e-5
+    assert (a[0] - b[0, :n]).abs().max() < TOL
 
 
 def test_roberta_position_offsets_match_transformers():
@@ -66,7 +67,7 @@ def test_roberta_position_offsets_match_transformers():
     mask = (ids != 1).long()
     with torch.no_grad():
         diff = (hf(input_ids=ids, attention_mask=mask).last_hidden_state - ours(ids, mask))[mask.bool()]
-    assert diff.abs().max() < 1e-5
+    assert diff.abs().max() < TOL
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from minipeft.api import METHODS
 from minipeft.methods.bottleneck import pfeiffer_count
 from minipeft.methods.parallel import (FusedParallelFFN, ParallelAdapterConfig, ScaledParallelAdapterConfig,
                                        fuse_parallel_ffn, parallel_count, rank_for_budget)
-from helpers import run, state
+from helpers import TOL, gap, run, state
 
 
 def randomise(model, name):
@@ -84,7 +84,7 @@ def test_ffn_formula(model, scale):
     with torch.no_grad():
         h = ffn.ffn_out(ffn.act(ffn.ffn_in(x)))
         expected = ffn.norm(x + h + s * (a.up(torch.relu(a.down(x)))))
-        assert torch.allclose(ffn(x), expected, atol=1e-5)
+        assert torch.allclose(ffn(x), expected, atol=TOL)
 
 
 def test_attention_site_reads_the_attention_input(model):
@@ -96,7 +96,7 @@ def test_attention_site_reads_the_attention_input(model):
         q, k, v = (attn.split_heads(f(x)) for f in (attn.q, attn.k, attn.v))
         h = attn.o(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
         expected = attn.norm(x + h + 2.0 * a.up(torch.relu(a.down(x))))
-        assert torch.allclose(attn(x), expected, atol=1e-5)
+        assert torch.allclose(attn(x), expected, atol=TOL)
 
 
 def test_reads_x_not_h(model):
@@ -119,7 +119,7 @@ def test_scale_is_linear(model, batch):
     a4.load_state_dict(a1.state_dict())
     x = torch.randn(1, 3, 384)
     with torch.no_grad():
-        assert torch.allclose(a4(x, None, None), 4 * a1(x, None, None), atol=1e-6)
+        assert torch.allclose(a4(x, None, None), 4 * a1(x, None, None), atol=TOL)
     assert float(a4.scale) == 4.0 and "scale" not in a4.state_dict()  # a fixed s is not a parameter
 
 
@@ -171,7 +171,7 @@ def test_fused_ffn_equals_the_adapted_model(model, batch, scale):
     fuse_parallel_ffn(model, "a")
     assert all(isinstance(layer.ffn, FusedParallelFFN) for layer in model.layers)
     assert model.layers[0].ffn.w_in.shape == (1536 + 16, 384)
-    assert (run(model, batch) - expected).abs().max() < 1e-5
+    assert gap(run(model, batch), expected, batch["attention_mask"]) < TOL
     with pytest.raises(RuntimeError, match="inference only"):
         model.train()(batch["input_ids"])
 
@@ -219,7 +219,7 @@ def test_generic_modules_on_an_mlp_block():
     with torch.no_grad():
         h = net.mlp.fc2(nn.functional.gelu(net.mlp.fc1(x))) + 4.0 * mlp_a.up(torch.relu(mlp_a.down(x)))
         expected = nn.functional.linear(h, net.proj.weight, net.proj.bias) + 4.0 * proj_a.up(torch.relu(proj_a.down(h)))
-        assert torch.allclose(net(x), expected, atol=1e-5)
+        assert torch.allclose(net(x), expected, atol=TOL)
 
 
 # ---- bad input: clear errors, model unchanged -----------------------------------------------------------------
@@ -244,11 +244,11 @@ def test_bad_config(kwargs, message):
 
 def test_failed_attach_leaves_model_unchanged(model):
     before = state(model)
-    with pytest.raises(ValueError, match="no Module in the model matches targets"):
+    with pytest.raises(ValueError, match="no Module in the model matches target"):
         add_adapter(model, ParallelAdapterConfig(placement="modules", targets=["nowhere"]), "a")
     with pytest.raises(ValueError, match="cannot infer the input/output width of LayerNorm"):
         add_adapter(model, ParallelAdapterConfig(placement="modules", targets=[r"layers\.0\.ffn\.norm"]), "a")
-    with pytest.raises(TypeError, match="attaches to minipeft's Encoder"):
+    with pytest.raises(TypeError, match="attaches to a minipeft backbone"):
         add_adapter(nn.Sequential(nn.Linear(4, 4)), ParallelAdapterConfig(), "a")
     assert adapter_names(model) == [] and state(model).keys() == before.keys()
 

@@ -5,24 +5,23 @@ Every block is two *sites* (He et al. 2022, §3: every PEFT method adds a Δh to
     attention site   h = o(Attn(q(x), k(x), v(x)))        out = LN(x + h)
     FFN site         h = ffn_out(act(ffn_in(x)))          out = LN(x + h)
 
-x is the sublayer input, h its output before residual + LayerNorm (Vaswani et al. 2017, post-LN).
-Methods attach to a site's ``deltas`` (each returns Δh from x, h and the site's LayerNorm), replace a
-named ``nn.Linear`` (q, k, v, o, ffn_in, ffn_out), or hand prefix keys/values to the attention via
-``Encoder.prefixes``. With nothing attached the encoder is exactly the pretrained model.
+x is the sublayer input, h its output before residual + LayerNorm (Vaswani et al. 2017, post-LN). The sites, the
+named ``nn.Linear``s (q, k, v, o, ffn_in, ffn_out) and ``Encoder.prefixes`` are the backbone contract
+(``minipeft.backbones.contract``). With nothing attached the encoder is exactly the pretrained model.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .contract import ACTIVATIONS, AttentionLayout, Backbone, Site
+
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda t: F.gelu(t, approximate="tanh"),
-               "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh")}
 
 
 @dataclass
@@ -61,6 +60,11 @@ class EncoderConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"checkpoint {name!r} is a {model_type!r} model; minipeft's Encoder loads "
                              f"the BERT family: model_type in {SUPPORTED_MODEL_TYPES}")
+        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "max_position_embeddings")
+        missing = [key for key in required if key not in cfg]
+        if missing:
+            raise ValueError(f"checkpoint config {name!r} lacks {missing}; a BERT-family config.json has {required}")
         if cfg.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"position_embedding_type {cfg['position_embedding_type']!r} not supported; "
                              "only 'absolute'")
@@ -96,32 +100,11 @@ class Embeddings(nn.Module):
         return self.dropout(self.norm(e))  # (B, T, d)
 
 
-class Site(nn.Module):
-    """A sublayer that ends in ``out = LN(x + h)``; attached modules add Δh to h before the residual.
-
-    Each module in ``deltas`` is called as ``delta(x, h, norm)`` and returns Δh (He et al. 2022, Eq. 1-2):
-    sequential adapters read h, Pfeiffer's reads ``norm(x + h)``, parallel adapters read x.
-    """
-
-    def __init__(self, cfg: EncoderConfig):
-        super().__init__()
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.deltas = nn.ModuleDict()
-
-    def add_and_norm(self, x, h):
-        h = self.dropout(h)
-        for delta in self.deltas.values():
-            if getattr(delta, "active", True):
-                h = h + delta(x, h, self.norm)
-        return self.norm(x + h)  # (B, T, d)
-
-
 class Attention(Site):
     """Multi-head self-attention, softmax(Q Kᵀ/√d_h) V (Vaswani et al. 2017, Eq. 1), with optional prefix."""
 
     def __init__(self, cfg: EncoderConfig):
-        super().__init__(cfg)
+        super().__init__(nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps), post_norm=True, dropout=cfg.dropout)
         d = cfg.hidden_size
         self.num_heads, self.attention_dropout = cfg.num_heads, cfg.attention_dropout
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
@@ -130,7 +113,7 @@ class Attention(Site):
         B, T, d = t.shape
         return t.view(B, T, self.num_heads, d // self.num_heads).transpose(1, 2)
 
-    def forward(self, x, key_mask=None, prefix=None):
+    def sublayer(self, x, key_mask=None, prefix=None):
         """x (B, T, d); key_mask (B, T) bool, True = attend; prefix (P_k, P_v), each (l, d) or (B, l, d)."""
         B = x.shape[0]
         k, v = self.k(x), self.v(x)
@@ -142,21 +125,20 @@ class Attention(Site):
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, l+T)
         a = F.scaled_dot_product_attention(self.split_heads(self.q(x)), self.split_heads(k), self.split_heads(v),
                                            attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0)
-        h = self.o(a.transpose(1, 2).flatten(2))  # (B, T, d)
-        return self.add_and_norm(x, h)
+        return self.o(a.transpose(1, 2).flatten(2))  # (B, T, d)
 
 
 class FeedForward(Site):
     """h = W_out act(W_in x + b_in) + b_out (Vaswani et al. 2017, Eq. 2)."""
 
     def __init__(self, cfg: EncoderConfig):
-        super().__init__(cfg)
+        super().__init__(nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps), post_norm=True, dropout=cfg.dropout)
         self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
-    def forward(self, x):
-        return self.add_and_norm(x, self.ffn_out(self.act(self.ffn_in(x))))
+    def sublayer(self, x):
+        return self.ffn_out(self.act(self.ffn_in(x)))
 
 
 class Block(nn.Module):
@@ -168,29 +150,37 @@ class Block(nn.Module):
         return self.ffn(self.attn(x, key_mask, prefix))
 
 
-class Encoder(nn.Module):
+class Encoder(Backbone):
     """Embeddings + L post-LN blocks; returns the last hidden states (B, T, d). No pooler."""
 
+    family = "bert"
+    HF_NAMES = (  # (transformers fragment, ours), applied in order
+        ("embeddings.word_embeddings", "embed.word"), ("embeddings.position_embeddings", "embed.position"),
+        ("embeddings.token_type_embeddings", "embed.token_type"), ("embeddings.LayerNorm", "embed.norm"),
+        ("encoder.layer.", "layers."), ("attention.self.query", "attn.q"), ("attention.self.key", "attn.k"),
+        ("attention.self.value", "attn.v"), ("attention.output.dense", "attn.o"),
+        ("attention.output.LayerNorm", "attn.norm"), ("intermediate.dense", "ffn.ffn_in"),
+        ("output.dense", "ffn.ffn_out"), ("output.LayerNorm", "ffn.norm"),
+    )
+
     def __init__(self, cfg: EncoderConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.embed = Embeddings(cfg)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        # name -> module whose forward() returns, per layer, the prefix (P_k, P_v) or None (prefix tuning)
-        self.prefixes = nn.ModuleDict()
-
-    @property
-    def hidden_size(self) -> int:
-        return self.cfg.hidden_size
+        self.attention = AttentionLayout(cfg.num_heads, cfg.num_heads, cfg.hidden_size // cfg.num_heads)
 
     def check_inputs(self, input_ids, attention_mask, token_type_ids):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError("input_ids must be an integer tensor of shape (batch, seq_len), got "
                              f"{getattr(input_ids, 'shape', type(input_ids))}")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.cfg.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size - 1}] (vocab_size "
-                             f"{self.cfg.vocab_size}); got ids in [{lo}, {hi}]")
+        for what, ids, size in (("token ids", input_ids, self.cfg.vocab_size),
+                                ("token_type_ids", token_type_ids, self.cfg.type_vocab_size)):
+            if ids is None or not ids.numel():
+                continue
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= size:
+                raise ValueError(f"{what} must be in [0, {size - 1}] (this checkpoint has {size}); "
+                                 f"got values in [{lo}, {hi}]")
         limit = self.cfg.max_position - self.cfg.position_offset
         if input_ids.shape[1] > limit:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the maximum of {limit} positions")
@@ -207,20 +197,9 @@ class Encoder(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         x = self.embed(input_ids, attention_mask.long(), token_type_ids)
         key_mask = None if bool(attention_mask.all()) else attention_mask.bool()
-        prefixes = self.layer_prefixes()
-        for layer, prefix in zip(self.layers, prefixes):
+        for layer, prefix in zip(self.layers, self.layer_prefixes()):
             x = layer(x, key_mask, prefix)
         return x  # (B, T, d)
-
-    def layer_prefixes(self):
-        """Per layer, the (P_k, P_v) of all active prefix modules concatenated along the prefix axis."""
-        per_layer = [[] for _ in self.layers]
-        for module in self.prefixes.values():
-            if getattr(module, "active", True):
-                for i, kv in enumerate(module()):
-                    if kv is not None:
-                        per_layer[i].append(kv)
-        return [None if not kvs else tuple(torch.cat(t, dim=-2) for t in zip(*kvs)) for kvs in per_layer]
 
     # ---- loading pretrained weights ---------------------------------------------------------------------
 
@@ -236,9 +215,16 @@ class Encoder(nn.Module):
         if not path.is_dir() or not config_file.exists() or not weights_file.exists():
             raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory: expected config.json "
                                     "and model.safetensors inside it")
-        cfg = EncoderConfig.from_hf_dict(json.loads(config_file.read_text()), name=str(path))
-        model = cls(cfg)
-        model.load_hf_state_dict(load_file(str(weights_file)))
+        try:
+            hf_config = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_file} is not valid JSON ({e})") from None
+        model = cls(EncoderConfig.from_hf_dict(hf_config, name=str(config_file)))
+        try:
+            weights = load_file(str(weights_file))
+        except Exception as e:  # safetensors' own error types for a truncated or corrupt file
+            raise ValueError(f"{weights_file} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+        model.load_hf_state_dict(weights, source=str(weights_file))
         return model.eval()
 
     @classmethod
@@ -249,42 +235,22 @@ class Encoder(nn.Module):
         model.load_hf_state_dict(hf_model.state_dict())
         return model.eval()
 
-    def load_hf_state_dict(self, hf_state: dict):
+    def load_hf_state_dict(self, hf_state: dict, source: str = "the checkpoint"):
         """Map HF names (embeddings.*, encoder.layer.i.*) onto ours; strict apart from pooler/position_ids."""
         ours = {}
         for key, value in hf_state.items():
             key = key.split(".", 1)[1] if key.split(".", 1)[0] in ("bert", "roberta") else key
             if key.startswith("pooler.") or key.endswith("position_ids"):
                 continue
-            ours[hf_to_minipeft_name(key)] = value
+            ours[self.our_name(key)] = value
         missing = sorted(set(self.state_dict()) - set(ours))
         unexpected = sorted(set(ours) - set(self.state_dict()))
         if missing or unexpected:
-            raise ValueError(f"checkpoint does not fit a BERT-family encoder: missing {missing[:5]}, "
+            raise ValueError(f"{source} does not fit a BERT-family encoder: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
+        wrong = [f"{k}: {tuple(v.shape)} where the config says {tuple(self.state_dict()[k].shape)}"
+                 for k, v in ours.items() if v.shape != self.state_dict()[k].shape]
+        if wrong:
+            raise ValueError(f"{source} does not match its config ({len(wrong)} tensors of another shape, e.g. "
+                             f"another hidden size): " + "; ".join(wrong[:3]))
         self.load_state_dict(ours)
-
-    def describe(self) -> str:
-        c = self.cfg
-        n = sum(p.numel() for p in self.parameters())
-        return (f"Encoder {c.name}: {c.model_type}, L={c.num_layers}, d={c.hidden_size}, heads={c.num_heads}, "
-                f"FFN={c.intermediate_size}, vocab={c.vocab_size}, {n:,} parameters")
-
-    def config_dict(self) -> dict:
-        return asdict(self.cfg)
-
-
-HF_NAMES = [  # (HF fragment, minipeft fragment), applied in order
-    ("embeddings.word_embeddings", "embed.word"), ("embeddings.position_embeddings", "embed.position"),
-    ("embeddings.token_type_embeddings", "embed.token_type"), ("embeddings.LayerNorm", "embed.norm"),
-    ("encoder.layer.", "layers."), ("attention.self.query", "attn.q"), ("attention.self.key", "attn.k"),
-    ("attention.self.value", "attn.v"), ("attention.output.dense", "attn.o"),
-    ("attention.output.LayerNorm", "attn.norm"), ("intermediate.dense", "ffn.ffn_in"),
-    ("output.dense", "ffn.ffn_out"), ("output.LayerNorm", "ffn.norm"),
-]
-
-
-def hf_to_minipeft_name(key: str) -> str:
-    for hf, ours in HF_NAMES:
-        key = key.replace(hf, ours)
-    return key

@@ -5,8 +5,9 @@
 The site adds the residual: the module returns Δh = W_up f(W_down u + b_down) + b_up, where u is
     houlsby   u = h at both sites (attention and FFN):            out = LN(x + A(h))
     ffn       u = h at the FFN site only (one Houlsby adapter)
-    pfeiffer  u = LN(x + h) at the FFN site, the same pretrained LN used again:
-              out = LN(x + h + A'(LN(x + h)))                     Pfeiffer et al. 2021, §3 (AdapterHub seq_bn)
+    pfeiffer  u = close(h), the FFN site's output under the block's closing rule, at the FFN site only:
+              post-LN  out = LN(x + h + A'(LN(x + h)))            Pfeiffer et al. 2021, §3 (AdapterHub seq_bn)
+              pre-norm out = r + h + A'(r + h)                    (no LayerNorm follows the residual there)
     modules   u = the output of each module matching ``targets``, on any nn.Module (generic)
 Parameters per adapter: W_down m·d + b_down m + W_up d·m + b_up d = 2md + d + m.
 """
@@ -18,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..api import AdapterConfig, AdapterModule, add_output_delta, find_encoder, match_modules, register_method
+from ..backbones.contract import ACTIVATIONS
+from ..core import (AdapterConfig, AdapterModule, Knob, Recipe, add_output_delta, find_backbone, match_modules,
+                    register_method, register_recipe)
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu, "tanh": torch.tanh}
 PLACEMENTS = ("houlsby", "pfeiffer", "ffn", "modules")
 INITS = ("near_identity", "identity")
 
@@ -76,17 +78,17 @@ class BottleneckConfig(AdapterConfig):
                     raise ValueError(f"cannot infer the output width of {type(module).__name__}; pass hidden_size")
                 add_output_delta(module, name, Bottleneck(name, d, self.size(d), self, reads="h"))
             return
-        encoder = find_encoder(model)
-        d = encoder.hidden_size
-        for layer in encoder.layers:
+        backbone = find_backbone(model)
+        d = backbone.hidden_size
+        for layer in backbone.layers:
             sites = [layer.attn, layer.ffn] if self.placement == "houlsby" else [layer.ffn]
             for site in sites:
-                reads = "ln(x+h)" if self.placement == "pfeiffer" else "h"
+                reads = "output" if self.placement == "pfeiffer" else "h"
                 site.deltas[name] = Bottleneck(name, d, self.size(d), self, reads)
 
 
 class Bottleneck(AdapterModule):
-    """Δh = W_up f(W_down u + b_down) + b_up, u = h or LN(x + h) (see the module docstring)."""
+    """Δh = W_up f(W_down u + b_down) + b_up, u = h or the site's closed output (see the module docstring)."""
 
     def __init__(self, adapter_name: str, d: int, m: int, config: BottleneckConfig, reads: str = "h"):
         super().__init__(adapter_name)
@@ -98,8 +100,8 @@ class Bottleneck(AdapterModule):
         if config.init == "identity":
             nn.init.zeros_(self.up.weight)
 
-    def forward(self, x, h, norm):
-        u = norm(x + h) if self.reads == "ln(x+h)" else h  # (B, T, d)
+    def forward(self, x, h, close):
+        u = close(h) if self.reads == "output" else h  # (B, T, d)
         return self.up(self.act(self.down(u)))  # (B, T, d)
 
 
@@ -111,3 +113,14 @@ def houlsby_count(d: int, L: int, m: int) -> int:
 def pfeiffer_count(d: int, L: int, m: int) -> int:
     """One adapter per layer: L(2md + d + m) (Pfeiffer et al. 2021)."""
     return L * (2 * m * d + d + m)
+
+
+register_recipe(Recipe.adapter(
+    "houlsby", lesson="01", lr=3e-3, make=lambda m: BottleneckConfig(placement="houlsby", bottleneck=m),
+    knob=Knob("bottleneck m", (2, 8, 16, 32, 64, 128, 256), 32),
+    description="Houlsby adapters m=32, two per layer (1.33% of MiniLM; Houlsby et al. 2019): 2L(2md + d + m)"))
+register_recipe(Recipe.adapter(
+    "pfeiffer", lesson="01", lr=3e-3, make=lambda m: BottleneckConfig(placement="pfeiffer", bottleneck=m),
+    knob=Knob("bottleneck m", (2, 8, 16, 32, 48, 64, 128, 256), 64),
+    description="Pfeiffer adapter m=64, one per layer at the FFN (1.32% of MiniLM; Pfeiffer et al. 2021): "
+                "L(2md + d + m)"))

@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..api import (AdapterConfig, AdapterModule, adapter_modules, adapter_names, add_output_delta, match_modules,
-                   register_method, remove_output_delta)
-from ..backbones.encoder import EncoderConfig
+from ..core import (AdapterConfig, AdapterModule, Knob, Recipe, adapter_modules, adapter_names, add_output_delta,
+                    match_modules, register_method, register_recipe, remove_output_delta)
 
 INITS = ("kaiming", "gaussian")
 
@@ -202,16 +201,22 @@ def lora_count(r: int, d_in: int, d_out: int, n_targets: int = 1, num_layers: in
     return num_layers * n_targets * r * (d_in + d_out)
 
 
-def encoder_linear_shapes(cfg: EncoderConfig) -> dict[str, tuple[int, int]]:
+def encoder_linear_shapes(cfg) -> dict[str, tuple[int, int]]:
     """(d_in, d_out) of each Linear of minipeft's Encoder blocks."""
     d, f = cfg.hidden_size, cfg.intermediate_size
     return {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "ffn_in": (d, f), "ffn_out": (f, d)}
 
 
-def lora_count_encoder(cfg: EncoderConfig, r: int, targets=("q", "v")) -> int:
+def lora_count_encoder(cfg, r: int, targets=("q", "v")) -> int:
     """Σ over targets of L · r(d_in + d_out) on minipeft's Encoder (targets from ``encoder_linear_shapes``)."""
     shapes = encoder_linear_shapes(cfg)
     unknown = sorted(set(targets) - set(shapes))
     if unknown:
         raise ValueError(f"unknown targets {unknown}; the Encoder's Linears are {sorted(shapes)}")
     return sum(lora_count(r, *shapes[t], num_layers=cfg.num_layers) for t in targets)
+
+
+register_recipe(Recipe.adapter(
+    "lora", lesson="02", lr=2e-3, make=lambda r: LoRAConfig(r=r, alpha=2 * r, targets=["q", "v"]),
+    knob=Knob("rank r", (1, 2, 4, 8, 16, 32, 64), 8),
+    description="LoRA r=8, alpha=16 on W_q, W_v (0.33% of MiniLM; Hu et al. 2021): L·2·r(d + d), mergeable"))

@@ -1,7 +1,7 @@
 """Prefix tuning (Li & Liang 2021): l trainable key and value vectors in front of every layer's attention.
 
 For each layer i the attention sees ``l`` extra positions that only exist as keys and values
-(Li & Liang 2021, §4.2; the encoder does the concatenation, see ``Attention.forward``)::
+(Li & Liang 2021, §4.2; the backbone's attention does the concatenation, e.g. ``encoder.Attention.sublayer``)::
 
     head_j = softmax(q_j [P_k,j ; K_j]ᵀ / √d_h) [P_v,j ; V_j]        P_k, P_v ∈ R^{l×d}, split into heads
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..api import AdapterConfig, AdapterModule, find_encoder, register_method
+from ..core import AdapterConfig, AdapterModule, Knob, Recipe, find_backbone, register_method, register_recipe
 
 INITS = ("normal", "tokens")
 
@@ -79,26 +79,27 @@ class PrefixConfig(AdapterConfig):
                              f"got {len(self.init_tokens)} with init={self.init!r}")
 
     def attach(self, model: nn.Module, name: str) -> None:
-        encoder = find_encoder(model)
-        encoder.prefixes[name] = Prefix(name, encoder, self)
+        backbone = find_backbone(model)
+        backbone.prefixes[name] = Prefix(name, backbone, self)
 
 
 class Prefix(AdapterModule):
-    """Returns, per layer, (P_k, P_v) each (l, d). Reparameterised: ``embedding``, ``mlp``; flat: ``prefix``."""
+    """Returns, per layer, (P_k, P_v) each (l, w), w the attention's key/value width (the hidden size d on BERT,
+    3 key/value heads × 64 = 192 on SmolLM2). Reparameterised: ``embedding``, ``mlp``; flat: ``prefix``."""
 
-    def __init__(self, adapter_name: str, encoder, config: PrefixConfig):
+    def __init__(self, adapter_name: str, backbone, config: PrefixConfig):
         super().__init__(adapter_name)
-        c = encoder.cfg
-        self.l, self.L, self.d = config.length, c.num_layers, c.hidden_size
+        self.l, self.L, self.d = config.length, backbone.num_layers, backbone.attention.kv_width
         if config.reparameterize and not config.ejected:
-            self.embedding = nn.Embedding(self.l, self.d)  # P' (l, d)
-            self.mlp = nn.Sequential(nn.Linear(self.d, config.hidden), nn.Tanh(),
+            d_model = backbone.hidden_size
+            self.embedding = nn.Embedding(self.l, d_model)  # P' (l, d)
+            self.mlp = nn.Sequential(nn.Linear(d_model, config.hidden), nn.Tanh(),
                                      nn.Linear(config.hidden, 2 * self.L * self.d))
         else:
-            self.prefix = nn.Parameter(torch.empty(self.L, 2, self.l, self.d))  # (L, 2, l, d)
+            self.prefix = nn.Parameter(torch.empty(self.L, 2, self.l, self.d))  # (L, 2, l, w)
             if config.init == "tokens" and not config.ejected:
                 with torch.no_grad():
-                    self.prefix.copy_(token_activations(encoder, config.init_tokens or
+                    self.prefix.copy_(token_activations(backbone, config.init_tokens or
                                                         list(range(1000, 1000 + self.l))))
             else:
                 nn.init.normal_(self.prefix, std=config.init_std)
@@ -128,8 +129,6 @@ class Prefix(AdapterModule):
         requires_grad = self.mlp[0].weight.requires_grad
         del self.embedding, self.mlp
         self.prefix = nn.Parameter(p, requires_grad=requires_grad)
-        if getattr(self, "config", None) is not None:  # so save_adapter / load_adapter rebuild the flat form
-            self.config = dataclasses.replace(self.config, ejected=True)
         return self
 
     def stored_parameter_count(self) -> int:
@@ -138,33 +137,39 @@ class Prefix(AdapterModule):
 
 
 @torch.no_grad()
-def token_activations(encoder, token_ids: list[int]) -> torch.Tensor:
-    """Per layer, the keys and values the frozen encoder computes for ``token_ids``: (L, 2, l, d)."""
-    ids = torch.tensor([token_ids], device=encoder.embed.word.weight.device)
-    if ids.min() < 0 or ids.max() >= encoder.cfg.vocab_size:
-        raise ValueError(f"init_tokens must be token ids in [0, {encoder.cfg.vocab_size - 1}]")
+def token_activations(backbone, token_ids: list[int]) -> torch.Tensor:
+    """Per layer, the keys and values the frozen backbone computes for ``token_ids``: (L, 2, l, w)."""
+    vocab = backbone.cfg.vocab_size
+    if min(token_ids) < 0 or max(token_ids) >= vocab:
+        raise ValueError(f"init_tokens must be token ids in [0, {vocab - 1}], got {min(token_ids)}..{max(token_ids)}")
+    ids = torch.tensor([token_ids], device=next(backbone.parameters()).device)
     captured, hooks = [], []
-    for layer in encoder.layers:
+    for layer in backbone.layers:
         for proj in (layer.attn.k, layer.attn.v):
             hooks.append(proj.register_forward_hook(lambda m, i, o: captured.append(o[0])))
-    was_training, saved = encoder.training, dict(encoder.prefixes.items())
+    was_training, saved = backbone.training, dict(backbone.prefixes.items())
     try:
-        encoder.prefixes.clear()  # the activations of the base model
-        encoder.eval()(ids)
+        backbone.prefixes.clear()  # the activations of the base model
+        backbone.eval()(ids)
     finally:
         for h in hooks:
             h.remove()
-        encoder.prefixes.update(saved)
-        encoder.train(was_training)
-    return torch.stack(captured).view(encoder.cfg.num_layers, 2, len(token_ids), -1)
+        backbone.prefixes.update(saved)
+        backbone.train(was_training)
+    return torch.stack(captured).view(backbone.num_layers, 2, len(token_ids), -1)
 
 
 def eject_prefix(model: nn.Module, name: str) -> None:
-    """Eject adapter ``name``'s prefix (see ``Prefix.eject``)."""
-    encoder = find_encoder(model)
-    if name not in encoder.prefixes:
-        raise KeyError(f"no prefix adapter named {name!r}; prefixes: {list(encoder.prefixes)}")
-    encoder.prefixes[name].eject()
+    """Eject adapter ``name``'s prefix (see ``Prefix.eject``); its saved config then says ``ejected=True``, so
+    ``load_adapter`` rebuilds the flat form."""
+    backbone = find_backbone(model)
+    if name not in backbone.prefixes:
+        raise KeyError(f"no prefix adapter named {name!r}; prefixes: {list(backbone.prefixes)}")
+    backbone.prefixes[name].eject()
+    for module in model.modules():
+        configs = module.__dict__.get("adapter_configs", {})
+        if isinstance(configs.get(name), PrefixConfig) and configs[name].reparameterize:
+            configs[name] = dataclasses.replace(configs[name], ejected=True)
 
 
 def prefix_stored_count(d: int, L: int, l: int) -> int:
@@ -172,9 +177,18 @@ def prefix_stored_count(d: int, L: int, l: int) -> int:
     return 2 * l * d * L
 
 
-def prefix_training_count(d: int, L: int, l: int, k: int = 512, reparameterize: bool = True) -> int:
-    """Reparameterised: l·d (P') + d·k + k + k·2Ld + 2Ld (the MLP) (Li & Liang 2021, §4.3);
-    BERT-base, l=30, k=512: 9,872,384. Flat: 2·l·d·L."""
+def prefix_training_count(d: int, L: int, l: int, k: int = 512, reparameterize: bool = True,
+                          kv_width: int | None = None) -> int:
+    """Reparameterised: l·d (P') + d·k + k + k·2Lw + 2Lw (the MLP) (Li & Liang 2021, §4.3), w the key/value
+    width (= d unless grouped-query attention makes it smaller); BERT-base, l=30, k=512: 9,872,384. Flat: 2·l·w·L."""
+    w = kv_width or d
     if not reparameterize:
-        return prefix_stored_count(d, L, l)
-    return l * d + (d * k + k) + (k * 2 * L * d + 2 * L * d)
+        return prefix_stored_count(w, L, l)
+    return l * d + (d * k + k) + (k * 2 * L * w + 2 * L * w)
+
+
+# only the prefix and the head train; inference needs only P (``eject_prefix`` drops the MLP, outputs within 1e-6)
+register_recipe(Recipe.adapter(
+    "prefix", lesson="05", lr=1e-3, make=lambda l: PrefixConfig(length=l, hidden=512, reparameterize=True),
+    knob=Knob("prefix length l", (5, 10, 20, 30, 50, 100, 200), 30),
+    description="prefix tuning l=30, reparameterised (k=512; Li & Liang 2021): trains P' + MLP, stores 2·l·d·L"))

@@ -1,0 +1,208 @@
+"""The protocol every method follows, and the registry of methods (below ``methods/``, above ``backbones/``).
+
+- A method is a config dataclass (subclass of ``AdapterConfig``, validated in ``__post_init__``, registered with
+  ``@register_method``) whose ``attach(model, name)`` creates ``AdapterModule``s inside the model, through the
+  backbone contract (``minipeft.backbones.contract``) or on any ``nn.Module`` by name (``add_output_delta``).
+- Every ``AdapterModule`` sits in an ``nn.ModuleDict`` under its adapter's name (a site's ``deltas``, the
+  backbone's ``prefixes``, a module's ``output_deltas``), so one model holds several named adapters.
+- An inactive module contributes nothing: a model with every adapter inactive is exactly the base model.
+- An adapter's config is kept once, on the model (``adapter_configs``), never copied onto its modules.
+- A *recipe* is a method as the course trains it (name, lesson, learning rate, config, size knob): each method
+  file registers its own, and ``compare``, the lessons and the parameter explorer read them from ``RECIPES``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, ClassVar
+
+from torch import nn
+
+from .backbones.contract import Backbone, find_backbone  # noqa: F401  (re-exported for methods)
+
+
+class AdapterModule(nn.Module):
+    """Base of every module a method adds. ``adapter_name`` ties it to its adapter; ``active`` switches it."""
+
+    def __init__(self, adapter_name: str):
+        super().__init__()
+        self.adapter_name, self.active = adapter_name, True
+
+    def on_delete(self) -> None:
+        """Called by ``delete_adapter`` just before removal: undo what the module changed outside itself
+        (a merged LoRA takes its ΔW back out of the base weight). Default: nothing."""
+
+    def stored_parameter_count(self) -> int:
+        """Parameters that must be saved for inference (methods with a training-only part override it)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+@dataclass
+class AdapterConfig:
+    """Base of method configs. Subclasses set ``method`` and implement ``attach``."""
+
+    method: ClassVar[str] = ""
+
+    def attach(self, model: nn.Module, name: str) -> None:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+METHODS: dict[str, type[AdapterConfig]] = {}
+
+
+def register_method(config_class: type[AdapterConfig]) -> type[AdapterConfig]:
+    """Class decorator: make a config loadable by its ``method`` name."""
+    METHODS[config_class.method] = config_class
+    return config_class
+
+
+def config_from_dict(method: str, values: dict) -> AdapterConfig:
+    if method not in METHODS:
+        raise ValueError(f"unknown adapter method {method!r}; registered methods: {sorted(METHODS)}")
+    known = {f.name for f in fields(METHODS[method])}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{method} config has unknown fields {unknown}; allowed: {sorted(known)}")
+    return METHODS[method](**values)
+
+
+# ---- recipes: a method as the course trains it ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Knob:
+    """The one size a learner turns in the explorer (``name`` = the formula's symbol)."""
+    name: str
+    sizes: tuple
+    default: object
+
+    def __post_init__(self):
+        if self.default not in self.sizes:
+            raise ValueError(f"default size {self.default!r} must be one of sizes {self.sizes!r}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A method as the harness runs it. ``prepare(model)`` attaches the method's modules to a fresh task model
+    and sets ``requires_grad`` (the head normally stays trainable). ``make(size)`` (optional) builds the config
+    at a knob size: the explorer uses it, and ``Recipe.adapter`` derives ``prepare`` and ``config`` from it."""
+    name: str
+    lesson: str                                   # "00".."09": where the course teaches it
+    lr: float                                     # tuned for Budget.lesson()
+    prepare: Callable[[nn.Module], None]
+    config: dict = field(default_factory=dict)    # hyperparameters, recorded in every Result
+    description: str = ""
+    knob: Knob | None = None
+    make: Callable[[object], AdapterConfig] | None = None
+
+    def __post_init__(self):
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"method name must be letters, digits, '-' or '_', got {self.name!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr of {self.name!r} must be > 0, got {self.lr}")
+        if not callable(self.prepare):
+            raise TypeError(f"prepare of {self.name!r} must be a function prepare(model) -> None")
+
+    @classmethod
+    def adapter(cls, name: str, lesson: str, lr: float, make: Callable[[object], AdapterConfig], knob: Knob,
+                description: str = "") -> "Recipe":
+        """The usual recipe: attach ``make(knob.default)`` under ``name``; only it and the head train."""
+        def prepare(model: nn.Module) -> None:
+            from .api import add_adapter, train_adapter
+
+            add_adapter(model, make(knob.default), name)
+            train_adapter(model, name)
+        return cls(name, lesson, lr, prepare, make(knob.default).to_dict(), description, knob, make)
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(recipe: Recipe, replace: bool = False) -> Recipe:
+    """Add a recipe to ``RECIPES`` (``replace=True`` to overwrite an existing name)."""
+    if recipe.name in RECIPES and not replace:
+        raise ValueError(f"method {recipe.name!r} is already registered; pass replace=True to overwrite it")
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown method {name!r}; registered methods: {sorted(RECIPES)}")
+    return RECIPES[name]
+
+
+# ---- finding things -----------------------------------------------------------------------------------------
+
+def adapter_modules(model: nn.Module, name: str | None = None) -> dict[str, AdapterModule]:
+    """Path -> module for every adapter module (of adapter ``name``, or all), outermost only."""
+    found = {}
+    for path, module in model.named_modules():
+        if isinstance(module, AdapterModule) and (name is None or module.adapter_name == name):
+            if not any(path.startswith(p + ".") for p in found):
+                found[path] = module
+    return found
+
+
+def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
+    """Name -> config of every adapter attached to ``model`` or to a module inside it."""
+    configs = {}
+    for module in model.modules():
+        configs.update(module.__dict__.get("adapter_configs", {}))
+    return configs
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return sorted(set(adapter_configs(model)) | {m.adapter_name for m in adapter_modules(model).values()})
+
+
+def match_modules(model: nn.Module, targets, kind=nn.Module) -> dict[str, nn.Module]:
+    """Modules of type ``kind`` whose name equals a target, ends with ``.target``, or fully matches it as a regex.
+    Every target must match at least one module (a typo is an error, not a silently smaller adapter)."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    candidates = {n: m for n, m in model.named_modules()
+                  if n and isinstance(m, kind) and not isinstance(m, AdapterModule)}
+    hits = {}
+    for t in targets:
+        found = {n: m for n, m in candidates.items() if n == t or n.endswith("." + t) or re.fullmatch(t, n)}
+        if not found:
+            raise ValueError(f"no {kind.__name__} in the model matches target {t!r} (of {targets}); "
+                             f"available names include {list(candidates)[:8]}")
+        hits.update(found)
+    return dict(sorted(hits.items(), key=lambda item: list(candidates).index(item[0])))
+
+
+# ---- a site on any module's output (for models minipeft did not write) --------------------------------------
+
+def _output_delta_hook(module: nn.Module, inputs: tuple, output):
+    """h = module(x); h ← h + Δh for each active attached module (the site protocol, with no closing rule).
+    A module may return None: nothing to add (a merged LoRA, whose ΔW is already in the weight)."""
+    for delta in module.output_deltas.values():
+        if delta.active:
+            dh = delta(inputs[0], output, None)
+            if dh is not None:
+                output = output + dh
+    return output
+
+
+def add_output_delta(target: nn.Module, name: str, delta: AdapterModule) -> None:
+    """Make ``target``'s output a site: its output h becomes h + delta(x, h, None), x its first input."""
+    if isinstance(target, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        raise TypeError(f"cannot make a {type(target).__name__}'s output a site (a child module would become one "
+                        "of its layers); target its last layer instead")
+    if not hasattr(target, "output_deltas"):
+        target.output_deltas = nn.ModuleDict()
+        target.register_forward_hook(_output_delta_hook)
+    target.output_deltas[name] = delta
+
+
+def remove_output_delta(target: nn.Module, name: str) -> None:
+    """Detach ``name`` from ``target``'s output site; the last one out removes the site (container and hook)."""
+    del target.output_deltas[name]
+    if not len(target.output_deltas):
+        del target.output_deltas
+        for key, hook in list(target._forward_hooks.items()):
+            if hook is _output_delta_hook:
+                del target._forward_hooks[key]
