@@ -162,14 +162,13 @@ def match_modules(model: nn.Module, targets, kind=nn.Module) -> dict[str, nn.Mod
     """Modules of type ``kind`` whose name equals a target, ends with ``.target``, or fully matches it as a regex.
     Every target must match at least one module (a typo is an error, not a silently smaller adapter)."""
     targets = [targets] if isinstance(targets, str) else list(targets)
-    candidates = {n: m for n, m in model.named_modules()
-                  if n and isinstance(m, kind) and not isinstance(m, AdapterModule)}
+    candidates = {n: m for n, m in model.named_modules() if isinstance(m, kind) and not isinstance(m, AdapterModule)}
     hits = {}
     for t in targets:
         found = {n: m for n, m in candidates.items() if n == t or n.endswith("." + t) or re.fullmatch(t, n)}
         if not found:
             raise ValueError(f"no {kind.__name__} in the model matches target {t!r} (of {targets}); "
-                             f"available names include {list(candidates)[:8]}")
+                             f"available names include {[n for n in candidates if n][:8]}")
         hits.update(found)
     return dict(sorted(hits.items(), key=lambda item: list(candidates).index(item[0])))
 

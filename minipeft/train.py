@@ -299,55 +299,22 @@ def train(model: SequenceClassifier, task, lr: float, budget: Budget | None = No
     Seed first, build the model after ``seed_everything(seed)`` (the head's init is then seeded too);
     ``minipeft.compare.build_model`` does both.
     """
-    from tqdm import tqdm
-
     budget = budget or Budget.from_env()
-    if not isinstance(model, SequenceClassifier):
-        raise TypeError(f"train() needs a SequenceClassifier (encoder + head), got {type(model).__name__}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters: every requires_grad is False")
+    params = trainable_parameters(model, lr)
     seed_everything(seed)
     device = torch.device(device) if device is not None else default_device()
-    tokenizer = tokenizer or _tokenizer()
-    dd, train_dl, evals = _loaders(task, budget, seed, tokenizer)
+    dd, train_dl, evals = _loaders(task, budget, seed, tokenizer or _tokenizer())
     n_classes = train_dl.dataset.features["label"].num_classes
     if n_classes != model.num_labels:
         raise ValueError(f"task has {n_classes} labels but the model's head has {model.num_labels} outputs")
     task_name = task if isinstance(task, str) else getattr(dd, "name", "custom")
 
     model.to(device).train()
-    decay = [p for p in params if p.dim() >= 2]  # weight matrices and embeddings; not biases / LayerNorm gains
-    rest = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": budget.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=lr)
-    total = budget.epochs * len(train_dl)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(math.ceil(budget.warmup_ratio * total), total))
-
-    losses, step_times, val_acc = [], [], []
+    opt, sched = make_optimizer(params, lr, budget, total_steps=budget.epochs * len(train_dl))
     start = time.perf_counter()
-    bar = tqdm(total=total, disable=quiet, desc=f"{method or 'train'} on {task_name}", mininterval=2.0,
-               miniters=max(1, total // 20))  # at most ~20 updates: notebooks store every one
     with PeakMemory(device) as mem:
-        for _ in range(budget.epochs):
-            for batch in train_dl:
-                t0 = time.perf_counter()
-                logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-                loss = F.cross_entropy(logits, batch["labels"].to(device))
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, budget.grad_clip)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(loss.item())  # .item() synchronises CUDA, so the timing is honest
-                step_times.append(time.perf_counter() - t0)
-                bar.update()
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-            val_acc.append(evaluate(model, evals["validation"], device))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", val_acc=f"{val_acc[-1]:.3f}")
-    bar.close()
+        losses, step_times, val_acc = run_epochs(model, params, opt, sched, train_dl, evals["validation"], budget,
+                                                 device, desc=f"{method or 'train'} on {task_name}", quiet=quiet)
     test_acc = evaluate(model, evals["test"], device)
 
     timed = step_times[budget.timing_warmup_steps:] or step_times
@@ -361,6 +328,58 @@ def train(model: SequenceClassifier, task, lr: float, budget: Budget | None = No
                   trainable_params=n_train, stored_params=n_stored, total_params=n_total,
                   backbone_params=n_backbone, trainable_pct=100 * n_train / n_backbone,
                   stored_pct=100 * n_stored / n_backbone, device=str(device), versions=versions())
+
+
+def trainable_parameters(model: nn.Module, lr: float) -> list[nn.Parameter]:
+    """The parameters ``train`` optimises, after checking the model and the learning rate."""
+    if not isinstance(model, SequenceClassifier):
+        raise TypeError(f"train() needs a SequenceClassifier (backbone + head), got {type(model).__name__}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: every requires_grad is False")
+    return params
+
+
+def make_optimizer(params, lr: float, budget: Budget, total_steps: int):
+    """AdamW (decay on weight matrices and embeddings, not on biases / norm gains) and the warm-up/decay schedule."""
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": budget.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=lr)
+    warmup = math.ceil(budget.warmup_ratio * total_steps)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(warmup, total_steps))
+
+
+def run_epochs(model, params, opt, sched, train_dl, validation_dl, budget: Budget, device, desc: str = "train",
+               quiet: bool = False) -> tuple[list[float], list[float], list[float]]:
+    """``budget.epochs`` passes over ``train_dl``; returns the loss and seconds of every step and the validation
+    accuracy after each epoch."""
+    from tqdm import tqdm
+
+    losses, step_times, val_acc = [], [], []
+    total = budget.epochs * len(train_dl)
+    bar = tqdm(total=total, disable=quiet, desc=desc, mininterval=2.0,
+               miniters=max(1, total // 20))  # at most ~20 updates: notebooks store every one
+    for _ in range(budget.epochs):
+        for batch in train_dl:
+            t0 = time.perf_counter()
+            logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            loss = F.cross_entropy(logits, batch["labels"].to(device))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, budget.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())  # .item() synchronises CUDA, so the timing is honest
+            step_times.append(time.perf_counter() - t0)
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        val_acc.append(evaluate(model, validation_dl, device))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", val_acc=f"{val_acc[-1]:.3f}")
+    bar.close()
+    return losses, step_times, val_acc
 
 
 # ---- peak memory ---------------------------------------------------------------------------------------------

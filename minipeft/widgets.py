@@ -20,8 +20,7 @@ from .core import RECIPES
 from .train import SequenceClassifier
 
 BACKBONES = {
-    "MiniLM-L6": EncoderConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536,
-                               name="MiniLM-L6"),
+    "MiniLM-L6": EncoderConfig.minilm(),
     "BERT-base": EncoderConfig(name="BERT-base"),
 }
 NUM_LABELS = 2  # the head every method trains too (sentiment)

@@ -73,7 +73,12 @@ class Site(nn.Module):
 
     def forward(self, r: torch.Tensor, *args) -> torch.Tensor:
         x = r if self.post_norm else self.norm(r)  # (B, T, d): what the sublayer reads
-        h = self.dropout(self.sublayer(x, *args))  # (B, T, d): before the residual
+        return self.add_and_close(x, self.sublayer(x, *args), r)
+
+    def add_and_close(self, x: torch.Tensor, h: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+        """h ← h + Δh for each active module in ``deltas`` (in order), then the closing rule; r = x on post-LN."""
+        r = x if r is None else r
+        h = self.dropout(h)  # (B, T, d): before the residual
         close: Close = (lambda h: self.norm(r + h)) if self.post_norm else (lambda h: r + h)
         for delta in self.deltas.values():
             if delta.active:

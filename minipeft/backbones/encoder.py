@@ -49,6 +49,11 @@ class EncoderConfig:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} not supported; allowed: {SUPPORTED_MODEL_TYPES}")
 
+    @classmethod
+    def minilm(cls) -> "EncoderConfig":
+        """The shape of all-MiniLM-L6-v2 (the course's encoder), without loading it: L=6, d=384, 12 heads."""
+        return cls(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536, name="MiniLM-L6")
+
     @property
     def position_offset(self) -> int:
         """RoBERTa numbers real positions from pad_token_id + 1; BERT from 0."""

@@ -12,7 +12,7 @@ from ..backbones.encoder import Encoder, EncoderConfig
 from ..train import count_parameters, training_state_bytes
 from . import call, explain, fail, need_int, passed
 
-MINILM = EncoderConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536, name="MiniLM-L6")
+MINILM = EncoderConfig.minilm()
 BERT_BASE = EncoderConfig(name="BERT-base")
 TINY = EncoderConfig(vocab_size=100, hidden_size=16, num_layers=3, num_heads=2, intermediate_size=40,
                      max_position=24, type_vocab_size=1, name="tiny")

@@ -18,7 +18,7 @@ from ..backbones.encoder import Encoder, EncoderConfig
 from ..methods.bottleneck import Bottleneck, BottleneckConfig
 from . import call, explain, fail, max_error, need_int, passed
 
-MINILM = EncoderConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536, name="MiniLM-L6")
+MINILM = EncoderConfig.minilm()
 BERT_BASE = EncoderConfig(name="BERT-base")
 ACTS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
 

@@ -19,7 +19,7 @@ from ..backbones.encoder import Encoder, EncoderConfig
 from ..methods.lora import LoRAConfig, LoRALinear
 from . import call, fail, max_error, need_int, passed
 
-MINILM = EncoderConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536, name="MiniLM-L6")
+MINILM = EncoderConfig.minilm()
 BERT_BASE = EncoderConfig(name="BERT-base")
 # (d_in, d_out, r, α, seed); squares included. No r = 2 or 4: there 2α/r = α and 2α/r = α/√r, and the scale
 # mistakes (α, r/α, α/√r, a doubled ΔW, ...) could not be told apart.
