@@ -122,6 +122,7 @@ class ParameterSummary:
     stored: int
     trainable: int
     per_layer: dict[str, int] = field(default_factory=dict)
+    per_part: dict[str, tuple[int, int]] = field(default_factory=dict)  # composite adapters: (adapter, stored)
 
     @property
     def percent(self) -> float:
@@ -137,6 +138,7 @@ class ParameterSummary:
                 f"trainable now (incl. head/norms if trained) {self.trainable:,}",
                 f"{'where':>10} {'parameters':>12}"]
         rows += [f"{where:>10} {count:>12,}" for where, count in self.per_layer.items()]
+        rows += [f"part {part!r}: {n:,} parameters, stored {s:,}" for part, (n, s) in self.per_part.items()]
         return "\n".join(rows)
 
 
@@ -156,9 +158,16 @@ def parameter_summary(model: nn.Module, name: str) -> ParameterSummary:
         fresh = [p for p in module.parameters() if id(p) not in seen]
         seen.update(id(p) for p in fresh)
         per_layer[key] = per_layer.get(key, 0) + sum(p.numel() for p in fresh)
+    parts: dict[str, list[nn.Module]] = {}
+    for module in modules.values():
+        if hasattr(module, "adapter_part"):
+            parts.setdefault(module.adapter_part, []).append(module)
+    per_part = {part: (sum({id(p): p.numel() for m in ms for p in m.parameters()}.values()), stored_count(ms))
+                for part, ms in parts.items()}
     return ParameterSummary(
         name=name, backbone=backbone, adapter=sum(per_layer.values()), stored=stored_count(modules.values()),
-        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad), per_layer=per_layer)
+        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad), per_layer=per_layer,
+        per_part=per_part)
 
 
 def stored_count(modules) -> int:

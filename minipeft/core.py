@@ -49,6 +49,10 @@ class AdapterConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def after_ejection(self) -> "AdapterConfig":
+        """The config that rebuilds this adapter once its training-only parts are dropped (default: itself)."""
+        return self
+
 
 METHODS: dict[str, type[AdapterConfig]] = {}
 

@@ -82,6 +82,9 @@ class PrefixConfig(AdapterConfig):
         backbone = find_backbone(model)
         backbone.prefixes[name] = Prefix(name, backbone, self)
 
+    def after_ejection(self) -> "PrefixConfig":
+        return dataclasses.replace(self, ejected=True) if self.reparameterize else self
+
 
 class Prefix(AdapterModule):
     """Returns, per layer, (P_k, P_v) each (l, w), w the attention's key/value width (the hidden size d on BERT,
@@ -168,8 +171,8 @@ def eject_prefix(model: nn.Module, name: str) -> None:
     backbone.prefixes[name].eject()
     for module in model.modules():
         configs = module.__dict__.get("adapter_configs", {})
-        if isinstance(configs.get(name), PrefixConfig) and configs[name].reparameterize:
-            configs[name] = dataclasses.replace(configs[name], ejected=True)
+        if name in configs:
+            configs[name] = configs[name].after_ejection()
 
 
 def prefix_stored_count(d: int, L: int, l: int) -> int:
