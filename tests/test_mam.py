@@ -107,3 +107,33 @@ def test_bad_composites_are_refused_and_change_nothing(model):
     with pytest.raises(ValueError, match="part 'two' .* would replace part 'one'"):
         add_adapter(model, clash, "c")
     assert_unchanged(model, before)
+
+
+def test_gated_composite_is_half_open_at_start_and_learns_its_gates(model, batch):
+    """UniPELT's gates: σ(0) = 1/2 at the start, so Δh is half the ungated one; the gates get gradients."""
+    from minipeft import train_adapter
+    from minipeft.methods.composite import Gate
+
+    add_adapter(model, adapter_lora(m=8, r=4), "plain")
+    perturb(model, "plain")
+    set_active(model)
+    base = run(model, batch)
+    set_active(model, "plain")
+    plain = run(model, batch)
+    add_adapter(model, adapter_lora(m=8, r=4, gated=True), "gated")
+    gates = [m for m in model.modules() if isinstance(m, Gate)]
+    assert len(gates) == 6 + 12 and all(g.adapter_part in ("adapter", "lora") for g in gates)
+    assert parameter_summary(model, "gated").adapter == parameter_summary(model, "plain").adapter + 6 * 385 + 12 * 385
+    with torch.no_grad():  # the same adapter and LoRA tensors behind the gates
+        for (_, q), (_, p) in zip(sorted((n.replace("plain", "x"), p) for n, p in model.named_parameters()
+                                         if ".plain." in n),
+                                  sorted((n.replace("gated", "x").replace(".inner", ""), p)
+                                         for n, p in model.named_parameters() if ".gated." in n and ".inner." in n)):
+            p.copy_(q)
+    set_active(model, "gated")
+    gated = run(model, batch)
+    assert gap(gated, plain, batch["attention_mask"]) > 100 * TOL and not torch.allclose(gated, base)
+    train_adapter(model, "gated")
+    model.train()
+    model(batch["input_ids"], batch["attention_mask"]).pow(2).mean().backward()
+    assert all(g.weight.grad is not None and g.weight.grad.abs().sum() > 0 for g in gates)

@@ -13,13 +13,53 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
-from ..core import AdapterConfig, adapter_modules, config_from_dict, register_method
+from ..core import AdapterConfig, AdapterModule, adapter_modules, config_from_dict, register_method
 
 
-def attach_parts(model: nn.Module, name: str, parts: dict[str, AdapterConfig]) -> None:
-    """Attach each part under ``name``, in order; refuse a part that would replace an earlier part's module."""
+class Gate(AdapterModule):
+    """UniPELT's gate on one part (Mao et al. 2022, §3, Eq. 2-4): Δh ← σ(x w + b) · Δh, one learned scalar per
+    token computed from the site's input x, so the model learns per input how much of each part to use.
+    w = 0, b = 0 at the start: every gate opens halfway (σ(0) = 1/2). Parameters: d + 1 per gated module."""
+
+    def __init__(self, inner: AdapterModule, d: int):
+        super().__init__(inner.adapter_name)
+        self.inner = inner
+        self.weight, self.bias = nn.Parameter(torch.zeros(d)), nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, h, close):
+        dh = self.inner(x, h, close)
+        if dh is None:
+            return None
+        return torch.sigmoid(x @ self.weight + self.bias).unsqueeze(-1) * dh  # (B, T, 1) · (B, T, d_out)
+
+    def on_delete(self) -> None:
+        self.inner.on_delete()
+
+
+def input_width(module: nn.Module) -> int:
+    """Width of the x a Δh module reads: its base layer's (LoRA) or its first projection's input."""
+    base = module.__dict__.get("base_layer")
+    if base is not None:
+        return base.in_features
+    return next(m.in_features for m in module.modules() if hasattr(m, "in_features"))
+
+
+def gate_modules(model: nn.Module, modules: dict[str, AdapterModule]) -> None:
+    """Wrap each of ``modules`` (path -> module, a part's Δh modules) in a ``Gate``, in its container."""
+    for path, module in modules.items():
+        parent, _, key = path.rpartition(".")
+        container = model.get_submodule(parent)
+        gated = Gate(module, input_width(module)).to(next(module.parameters()).device)
+        gated.adapter_part = module.adapter_part
+        container[key] = gated
+
+
+def attach_parts(model: nn.Module, name: str, parts: dict[str, AdapterConfig], gated: bool = False) -> None:
+    """Attach each part under ``name``, in order; refuse a part that would replace an earlier part's module.
+    ``gated``: wrap every Δh module in a ``Gate`` (UniPELT); a prefix has no Δh module and stays ungated."""
     for part, config in parts.items():
         before = adapter_modules(model, name)
         config.attach(model, name)
@@ -29,18 +69,23 @@ def attach_parts(model: nn.Module, name: str, parts: dict[str, AdapterConfig]) -
             raise ValueError(f"part {part!r} ({config.method}) would replace part "
                              f"{before[replaced[0]].adapter_part!r}'s module at {replaced[0]}; the parts of one "
                              "adapter must sit in different places (sites, linears, prefixes)")
-        for path, module in after.items():
-            if path not in before:
-                module.adapter_part = part
+        new = {path: module for path, module in after.items() if path not in before}
+        for module in new.values():
+            module.adapter_part = part
+        if gated:
+            gate_modules(model, {p: m for p, m in new.items() if not p.startswith("prefixes.")
+                                 and ".prefixes." not in p})
 
 
 @register_method
 @dataclass
 class CompositeConfig(AdapterConfig):
-    """``parts``: part name -> config (or, as saved, {"method": ..., "config": {...}})."""
+    """``parts``: part name -> config (or, as saved, {"method": ..., "config": {...}}); ``gated``: UniPELT's
+    learned gate on each part's Δh (Mao et al. 2022)."""
 
     method = "composite"
     parts: dict = field(default_factory=dict)
+    gated: bool = False
 
     def __post_init__(self):
         if not isinstance(self.parts, dict) or len(self.parts) < 2:
@@ -53,10 +98,11 @@ class CompositeConfig(AdapterConfig):
                                  f"{type(config).__name__}")
 
     def attach(self, model: nn.Module, name: str) -> None:
-        attach_parts(model, name, self.parts)
+        attach_parts(model, name, self.parts, self.gated)
 
     def after_ejection(self) -> "CompositeConfig":
-        return CompositeConfig(parts={part: c.after_ejection() for part, c in self.parts.items()})
+        return CompositeConfig({part: c.after_ejection() for part, c in self.parts.items()}, self.gated)
 
     def to_dict(self) -> dict:
-        return {"parts": {part: {"method": c.method, "config": c.to_dict()} for part, c in self.parts.items()}}
+        return {"parts": {part: {"method": c.method, "config": c.to_dict()} for part, c in self.parts.items()},
+                "gated": self.gated}

@@ -90,11 +90,11 @@ def mam_stored_count(d: int, L: int, l: int, r: int, kv_width: int | None = None
     return prefix_stored_count(kv_width or d, L, l) + parallel_count(d, L, r)
 
 
-def adapter_lora(m: int = 16, r: int = 8) -> CompositeConfig:
+def adapter_lora(m: int = 16, r: int = 8, gated: bool = False) -> CompositeConfig:
     """The design document's "MAM" (adapter + LoRA): a Pfeiffer adapter (bottleneck m) at the FFN and LoRA
-    (rank r) on W_q, W_v, under one name."""
+    (rank r) on W_q, W_v, under one name; ``gated``: each behind UniPELT's learned gate (Mao et al. 2022)."""
     return CompositeConfig(parts={"adapter": BottleneckConfig(placement="pfeiffer", bottleneck=m),
-                                  "lora": LoRAConfig(r=r, alpha=2 * r, targets=["q", "v"])})
+                                  "lora": LoRAConfig(r=r, alpha=2 * r, targets=["q", "v"])}, gated=gated)
 
 
 # The design space in miniature (lesson 06), every point at ≈ 2% of MiniLM stored, like the single methods' recipes.
