@@ -197,6 +197,7 @@ class Result:
     stored_pct: float
     device: str
     versions: dict = field(default_factory=dict)
+    test_predictions: list[int] = field(default_factory=list)  # per test example, in split order (paired tests)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -204,10 +205,10 @@ class Result:
     @classmethod
     def from_dict(cls, d: dict) -> "Result":
         names = {f.name for f in fields(cls)}
-        missing = names - set(d)
+        missing = names - set(d) - {"versions", "test_predictions"}  # older records lack the last two
         if missing:
             raise ValueError(f"not a Result record: missing fields {sorted(missing)}")
-        return cls(**{k: d[k] for k in names})
+        return cls(**{k: d[k] for k in names if k in d})
 
 
 def versions() -> dict:
@@ -280,15 +281,22 @@ def linear_warmup_decay(warmup: int, total: int):
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device) -> float:
     """Accuracy of argmax predictions over a loader."""
+    predictions, labels = predict(model, loader, device)
+    return sum(p == y for p, y in zip(predictions, labels)) / max(1, len(labels))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device) -> tuple[list[int], list[int]]:
+    """Argmax predictions and labels over a loader, in its order (for paired tests on the same examples)."""
     was_training = model.training
     model.eval()
-    correct = total = 0
+    predictions, labels = [], []
     for batch in loader:
         logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        correct += (logits.argmax(-1).cpu() == batch["labels"]).sum().item()
-        total += len(batch["labels"])
+        predictions += logits.argmax(-1).cpu().tolist()
+        labels += batch["labels"].tolist()
     model.train(was_training)
-    return correct / max(1, total)
+    return predictions, labels
 
 
 def train(model: SequenceClassifier, task, lr: float, budget: Budget | None = None, seed: int = 0,
@@ -315,7 +323,8 @@ def train(model: SequenceClassifier, task, lr: float, budget: Budget | None = No
     with PeakMemory(device) as mem:
         losses, step_times, val_acc = run_epochs(model, params, opt, sched, train_dl, evals["validation"], budget,
                                                  device, desc=f"{method or 'train'} on {task_name}", quiet=quiet)
-    test_acc = evaluate(model, evals["test"], device)
+    test_predictions, test_labels = predict(model, evals["test"], device)
+    test_acc = sum(p == y for p, y in zip(test_predictions, test_labels)) / max(1, len(test_labels))
 
     timed = step_times[budget.timing_warmup_steps:] or step_times
     n_total, n_train = count_parameters(model), count_parameters(model, trainable_only=True)
@@ -327,7 +336,8 @@ def train(model: SequenceClassifier, task, lr: float, budget: Budget | None = No
                   train_state_mb=training_state_bytes(n_total, n_train) / 2**20,
                   trainable_params=n_train, stored_params=n_stored, total_params=n_total,
                   backbone_params=n_backbone, trainable_pct=100 * n_train / n_backbone,
-                  stored_pct=100 * n_stored / n_backbone, device=str(device), versions=versions())
+                  stored_pct=100 * n_stored / n_backbone, device=str(device), versions=versions(),
+                  test_predictions=test_predictions)
 
 
 def trainable_parameters(model: nn.Module, lr: float) -> list[nn.Parameter]:
