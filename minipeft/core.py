@@ -161,10 +161,13 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def match_modules(model: nn.Module, targets, kind=nn.Module) -> dict[str, nn.Module]:
-    """Modules of type ``kind`` whose name equals a target, ends with ``.target``, or fully matches it as a regex.
-    Every target must match at least one module (a typo is an error, not a silently smaller adapter)."""
+    """Modules of type ``kind`` whose name equals a target, ends with ``.target``, or fully matches it as a regex,
+    outside every adapter module (LoRA on "up" must not land on an adapter's own ``up``). Every target must match
+    at least one module (a typo is an error, not a silently smaller adapter)."""
     targets = [targets] if isinstance(targets, str) else list(targets)
-    candidates = {n: m for n, m in model.named_modules() if isinstance(m, kind) and not isinstance(m, AdapterModule)}
+    inside = tuple(p + "." for p in adapter_modules(model))  # an adapter's own layers are never targets
+    candidates = {n: m for n, m in model.named_modules() if isinstance(m, kind) and not isinstance(m, AdapterModule)
+                  and not n.startswith(inside)}
     hits = {}
     for t in targets:
         found = {n: m for n, m in candidates.items() if n == t or n.endswith("." + t) or re.fullmatch(t, n)}

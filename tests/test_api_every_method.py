@@ -180,3 +180,11 @@ def test_tolerance_catches_a_wrong_lora_scale(model, batch):
     layer = model.layers[0].attn.q.output_deltas["a"]
     layer.scale = 1.0  # α instead of α/r: 8 → 1 would be wrong by a factor of 2; here (α/r)=2 → 1
     assert gap(run(model, batch), expected, batch["attention_mask"]) > 100 * TOL
+
+
+def test_targets_never_land_inside_another_adapter(model):
+    """A Houlsby adapter has Linears named down/up; LoRA on "ffn_out" or a regex must not touch them."""
+    add_adapter(model, BottleneckConfig(bottleneck=8), "adapter")
+    add_adapter(model, LoRAConfig(r=2, targets=[r".*\.(up|down|ffn_out)"]), "lora")
+    hooked = [n for n, m in model.named_modules() if hasattr(m, "output_deltas")]
+    assert hooked == [f"layers.{i}.ffn.ffn_out" for i in range(6)]
