@@ -23,8 +23,9 @@ from .core import (METHODS, AdapterConfig, AdapterModule, Recipe, adapter_config
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter.safetensors"
 
 
-def _config_home(model: nn.Module) -> nn.Module:
-    """Where an adapter's config is kept: the backbone when there is one (so a task model and its backbone agree)."""
+def _home(model: nn.Module) -> nn.Module:
+    """The backbone when there is one, else the model: where adapter configs are kept and what saved paths are
+    relative to, so a task model and its backbone agree."""
     try:
         return find_backbone(model)
     except TypeError:
@@ -41,7 +42,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
         raise ValueError(f"adapter name must be a Python identifier (letters, digits, _), got {name!r}")
     if name in adapter_names(model):
         raise ValueError(f"an adapter named {name!r} already exists in this model; existing: {adapter_names(model)}")
-    home = _config_home(model)
+    home = _home(model)
     try:
         config.attach(model, name)
         if not adapter_modules(model, name):
@@ -195,13 +196,8 @@ def stored_count(modules) -> int:
 
 # ---- saving and loading -------------------------------------------------------------------------------------
 
-def _root(model: nn.Module) -> nn.Module:
-    """Paths are saved relative to the backbone when there is one, so a task model and its backbone agree."""
-    return _config_home(model)
-
-
 def _backbone_identity(model: nn.Module) -> dict:
-    root = _root(model)
+    root = _home(model)
     if isinstance(root, Backbone):
         return root.identity()
     return {"family": None, "name": type(root).__name__, "hidden_size": None, "num_layers": None}
@@ -211,7 +207,7 @@ def adapter_state_dict(model: nn.Module, name: str, saved_as: str | None = None)
     """Path -> tensor of adapter ``name``; a tensor shared by several modules is kept once (first path).
     Each module's path ends with the adapter's name (its ModuleDict key); ``saved_as`` writes another there."""
     state, seen = {}, set()
-    for path, module in adapter_modules(_root(model), name).items():
+    for path, module in adapter_modules(_home(model), name).items():
         path = path[: len(path) - len(name)] + (saved_as or name)
         for key, tensor in module.state_dict(keep_vars=True).items():
             if id(tensor) not in seen:
