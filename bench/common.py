@@ -68,6 +68,15 @@ def training_step(model, batch, params):
     return step
 
 
+def inference(model, batch):
+    """A closure doing one forward of ``model`` on ``batch`` without gradients (call ``model.eval()`` first)."""
+    def run():
+        with torch.no_grad():
+            model(batch["input_ids"], batch["attention_mask"])
+
+    return run
+
+
 def freeze_to_floor(model) -> list:
     """The frozen-backbone floor: every encoder weight frozen, but gradients still flow through every layer
     (only the embedding LayerNorm and the head train). Any method that inserts into every layer pays at least

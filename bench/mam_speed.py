@@ -8,7 +8,8 @@ All three adapters are the very parts of one MAM (same l, same r), each attached
 import copy
 
 import torch
-from common import bench_arguments, freeze_to_floor, interleaved_medians, pin_threads, real_batch, training_step
+from common import (bench_arguments, freeze_to_floor, inference, interleaved_medians, pin_threads, real_batch,
+                    training_step)
 
 from minipeft import add_adapter, eject_prefix, train_adapter
 from minipeft.backbones.encoder import Encoder
@@ -40,13 +41,7 @@ def main():
     eject_prefix(ejected, "a")
     infer_base = copy.deepcopy(base).eval()
 
-    def infer(model):
-        def run():
-            with torch.no_grad():
-                model(batch["input_ids"], batch["attention_mask"])
-        return run
-
-    timed.update({"base inference": infer(infer_base), "ejected MAM inference": infer(ejected)})
+    timed.update({"base inference": inference(infer_base, batch), "ejected MAM inference": inference(ejected, batch)})
     t = interleaved_medians(timed, repeats=args.repeats)
     print(f"batch {args.batch} x {args.seq} tokens, MAM budget {args.budget:g} (prefix l={parts['prefix'].length}, "
           f"PA r={parts['ffn'].r}, s={parts['ffn'].scale:g}), {args.threads} threads, median of {args.repeats}")

@@ -10,7 +10,7 @@ import argparse
 import copy
 
 import torch
-from common import freeze_to_floor, interleaved_medians, pin_threads, real_batch, training_step
+from common import freeze_to_floor, inference, interleaved_medians, pin_threads, real_batch, training_step
 
 from minipeft import add_adapter, train_adapter
 from minipeft.backbones.encoder import Encoder
@@ -48,13 +48,7 @@ def main():
     eject_prefix(ejected.encoder, "p")
     infer_base = copy.deepcopy(base).eval()
 
-    def infer(model):
-        def run():
-            with torch.no_grad():
-                model(batch["input_ids"], batch["attention_mask"])
-        return run
-
-    timed.update({"base inference": infer(infer_base), "ejected inference": infer(ejected)})
+    timed.update({"base inference": inference(infer_base, batch), "ejected inference": inference(ejected, batch)})
     t = interleaved_medians(timed, repeats=args.repeats)
     print(f"batch {args.batch} x {args.seq} tokens, prefix l={args.length}, {args.threads} threads, "
           f"median of {args.repeats}")

@@ -25,6 +25,17 @@ def gap(a, b, mask=None) -> float:
     return float((diff[mask.bool()] if mask is not None else diff).max())
 
 
+def perturb(model, name: str | None = None, scale: float = 0.05, seed: int = 3):
+    """Move adapter parameters (of adapter ``name``, or all) off their init, seeded: many start at Δh = 0, and a
+    test of a formula must see non-trivial tensors."""
+    torch.manual_seed(seed)
+    places = (f".{name}.",) if name else (".deltas.", ".output_deltas.", "prefixes.")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if any(k in n for k in places):
+                p.add_(scale * torch.randn_like(p))
+
+
 def state(model):
     """A detached copy of the model's state dict (to check what changed)."""
     return {k: v.clone() for k, v in model.state_dict().items()}

@@ -12,7 +12,7 @@ from minipeft.api import CONFIG_FILE, WEIGHTS_FILE
 from minipeft.backbones.encoder import Encoder
 from minipeft.methods.parallel import fuse_parallel_ffn
 from minipeft.train import SequenceClassifier, stored_parameter_count
-from helpers import TOL, assert_unchanged, gap, run, structure
+from helpers import TOL, assert_unchanged, gap, perturb, run, structure
 
 CONFIGS = {
     "houlsby": BottleneckConfig(bottleneck=8), "pfeiffer": BottleneckConfig(placement="pfeiffer", bottleneck=8),
@@ -24,13 +24,6 @@ CONFIGS = {
 }
 
 
-def perturb(model):
-    """Move every adapter parameter off its init (many start at Δh = 0), seeded."""
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if any(k in n for k in (".deltas.", ".output_deltas.", "prefixes.")):
-                p.add_(0.05 * torch.randn_like(p))
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))

@@ -13,7 +13,7 @@ from minipeft.methods.lora import lora_count
 from minipeft.methods.mam import MAMConfig, mam_stored_count
 from minipeft.methods.parallel import parallel_count
 from minipeft.methods.prefix import prefix_stored_count, prefix_training_count
-from helpers import TOL, gap, run
+from helpers import TOL, gap, perturb, run
 
 TINY = DecoderConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
                      max_position=64, name="tiny-llama (random)")
@@ -44,12 +44,6 @@ def tiny_batch():
     return {"input_ids": ids.masked_fill(mask == 0, TINY.pad_token_id), "attention_mask": mask}
 
 
-def perturb(model):
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if any(k in n for k in (".deltas.", ".output_deltas.", "prefixes.")):
-                p.add_(0.05 * torch.randn_like(p))
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))

@@ -11,15 +11,9 @@ from minipeft.methods.composite import CompositeConfig
 from minipeft.methods.mam import MAMConfig, adapter_lora, mam_stored_count
 from minipeft.methods.parallel import parallel_count
 from minipeft.methods.prefix import prefix_training_count
-from helpers import TOL, assert_unchanged, gap, run, structure
+from helpers import TOL, assert_unchanged, gap, perturb, run, structure
 
 
-def perturb(model, name):
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if f".{name}." in n:
-                p.add_(0.05 * torch.randn_like(p))
 
 
 def test_counts_equal_the_reference_library_on_bert_base(bert_base_sized):
