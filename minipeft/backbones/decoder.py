@@ -300,7 +300,7 @@ class Decoder(Backbone):
         if not path.is_dir() or not config_file.exists() or not weights_file.exists():
             raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory: expected config.json "
                                     "and model.safetensors inside it (or pass a .gguf file)")
-        cfg = DecoderConfig.from_hf_dict(json.loads(config_file.read_text()), name=str(path))
+        cfg = DecoderConfig.from_hf_dict(json.loads(config_file.read_text()), name=path.name)  # portable
         with torch.device("meta"):  # no random init: the checkpoint's tensors become the parameters
             model = cls(cfg)
         model.load_hf_state_dict(load_file(str(weights_file)), assign=True)
@@ -366,8 +366,10 @@ def checkpoint_dir(path: str | Path | None = None) -> Path:
               str(tmp / "model.safetensors"), metadata={"format": "pt"})
     try:
         tmp.rename(target)
-    except OSError:  # another process finished first
+    except OSError:  # another process finished first (else: something else is in the way)
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "model.safetensors").exists():
+            raise
     return target
 
 
