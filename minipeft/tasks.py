@@ -5,6 +5,7 @@
 | sentiment     | Rotten Tomatoes review snippets           | rotten, fresh                 |
 | subjectivity  | Rotten Tomatoes snippets vs plot summaries | objective (plot), subjective |
 | topic         | BBC News headlines                        | business, entertainment, politics, sport, tech |
+| question      | TREC question type (Li & Roth 2002)       | abbreviation, description, entity, human, location, number |
 
 Splits are drawn once with ``SPLIT_SEED`` after dropping empty texts and duplicates; ``SPLIT_SIZES``
 gives (validation, test); train is the rest. ``max_train`` subsamples train (first n of a fixed shuffle).
@@ -22,7 +23,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from .assets import asset_path
 
 SPLIT_SEED = 1234
-SPLIT_SIZES = {"sentiment": (500, 1000), "subjectivity": (200, 400), "topic": (200, 400)}
+SPLIT_SIZES = {"sentiment": (500, 1000), "subjectivity": (200, 400), "topic": (200, 400), "question": (500, 1000)}
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ TASKS = {
                              "to the number of plot summaries"),
     "topic": TaskInfo("topic", ("business", "entertainment", "politics", "sport", "tech"),
                       "BBC News headline -> one of 5 topics"),
+    "question": TaskInfo("question", ("abbreviation", "description", "entity", "human", "location", "number"),
+                         "TREC question -> the type of its answer (6 coarse classes)"),
 }
 
 
@@ -87,25 +90,35 @@ def _topic():
     return _clean(pairs)
 
 
-BUILDERS = {"sentiment": _sentiment, "subjectivity": _subjectivity, "topic": _topic}
+def _question():
+    """TREC's 5,452 training questions (the file's last lines; the lines before repeat them), coarse label =
+    the part before ':' ("NUM:date How old ...")."""
+    codes = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")  # in the order of TASKS["question"].label_names
+    lines = asset_path("trec").read_text(encoding="utf-8").splitlines()[-5452:]
+    return _clean((text, codes.index(label.split(":")[0])) for label, text in (line.split(" ", 1) for line in lines))
 
 
-def load_task(name: str, max_train: int | None = None, max_eval: int | None = None) -> DatasetDict:
+BUILDERS = {"sentiment": _sentiment, "subjectivity": _subjectivity, "topic": _topic, "question": _question}
+
+
+def load_task(name: str, max_train: int | None = None, max_eval: int | None = None,
+              max_test: int | None = None) -> DatasetDict:
     """The task's train / validation / test splits (columns ``text``, ``label``).
 
-    ``max_train`` / ``max_eval`` keep the first n of each (already shuffled) split, for short budgets.
+    ``max_train`` / ``max_eval`` (validation) / ``max_test`` keep the first n of each (already shuffled) split,
+    for short budgets; ``None`` keeps the whole split.
     The result carries ``label_names`` (also ``ds["train"].features["label"].names``).
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; available tasks: {sorted(TASKS)}")
-    for arg, value in (("max_train", max_train), ("max_eval", max_eval)):
+    for arg, value in (("max_train", max_train), ("max_eval", max_eval), ("max_test", max_test)):
         if value is not None and value < 1:
             raise ValueError(f"{arg} must be a positive number of examples or None, got {value}")
     pairs = BUILDERS[name]()
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
     n_val, n_test = SPLIT_SIZES[name]
     index = {"test": order[:n_test], "validation": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
-    limits = {"train": max_train, "validation": max_eval, "test": max_eval}
+    limits = {"train": max_train, "validation": max_eval, "test": max_test}
     label_names = list(TASKS[name].label_names)
     features = Features({"text": Value("string"), "label": ClassLabel(names=label_names)})
     dd = DatasetDict({split: Dataset.from_dict({"text": [pairs[i][0] for i in idx[:limits[split]]],

@@ -76,7 +76,8 @@ class SequenceClassifier(nn.Module):
 class Budget:
     """How much data and compute one run gets. ``None`` in max_train / max_eval means the whole split."""
     max_train: int | None = 2000
-    max_eval: int | None = 500      # validation and test each keep their first max_eval examples
+    max_eval: int | None = 500      # validation keeps its first max_eval examples
+    max_test: int | None = None     # test: the whole split (sentiment 1,000, subjectivity and topic 400)
     epochs: int = 2
     batch_size: int = 32
     max_length: int = 64            # tokens; longer texts are truncated
@@ -90,7 +91,7 @@ class Budget:
         for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"Budget.{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("max_train", "max_eval"):
+        for name in ("max_train", "max_eval", "max_test"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"Budget.{name} must be a positive integer or None (all), got {v!r}")
@@ -101,13 +102,13 @@ class Budget:
 
     @classmethod
     def lesson(cls) -> "Budget":
-        """The lessons' budget: 2,000 examples x 2 epochs at batch 32 (126 steps), 500 val / 500 test."""
+        """The lessons' budget: 2,000 examples x 2 epochs at batch 32 (126 steps), 500 validation, whole test."""
         return cls()
 
     @classmethod
     def fast(cls) -> "Budget":
         """CI's budget: the same code paths (2 epochs, warm-up, eval, test) on a few batches."""
-        return cls(max_train=64, max_eval=32, epochs=2, batch_size=16, max_length=32, timing_warmup_steps=1)
+        return cls(max_train=64, max_eval=32, max_test=32, epochs=2, batch_size=16, max_length=32, timing_warmup_steps=1)
 
     @classmethod
     def from_env(cls) -> "Budget":
@@ -251,7 +252,7 @@ def _loaders(task, budget: Budget, seed: int, tokenizer):
 
     from .tasks import collate, load_task, tokenize
 
-    dd = load_task(task, max_train=budget.max_train, max_eval=budget.max_eval) if isinstance(task, str) else task
+    dd = load_task(task, budget.max_train, budget.max_eval, budget.max_test) if isinstance(task, str) else task
     pad = tokenizer.pad_token_id or 0
     from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 

@@ -27,7 +27,7 @@ def sentences():
     """Real review snippets of different lengths (padding is exercised)."""
     from minipeft.tasks import load_task
 
-    return list(load_task("sentiment", max_eval=8)["test"]["text"])
+    return list(load_task("sentiment", max_test=8)["test"]["text"])
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ def test_subjectivity_is_balanced():
 
 
 def test_max_train_subsamples_a_prefix():
-    full, small = load_task("topic"), load_task("topic", max_train=50, max_eval=20)
+    full, small = load_task("topic"), load_task("topic", max_train=50, max_eval=20, max_test=20)
     assert list(small["train"]["text"]) == list(full["train"]["text"])[:50] and len(small["test"]) == 20
 
 

@@ -28,15 +28,20 @@ def test_build_model_prepares_the_method():
         build_model("head", "spam")
 
 
-def test_cli_writes_the_three_files(tmp_path, capsys):
-    cli(["compare", "--fast", "--methods", "head", "--seeds", "0", "1", "--out", str(tmp_path), "--quiet"])
-    data = json.loads((tmp_path / "comparison.json").read_text())
-    assert data["command"] == f"python -m minipeft compare --fast --methods head --seeds 0 1 --out {tmp_path} --quiet"
-    assert [r["seed"] for r in data["results"]] == [0, 1] and data["budget"]["max_train"] == 64
-    assert len(load_results(tmp_path / "comparison.json")) == 2
-    md = (tmp_path / "comparison.md").read_text()
-    assert "| head | 00 | 0.003 | 770 |" in md and "±" in md and "Command: `python -m minipeft compare" in md
-    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+def test_cli_writes_the_three_files_per_task(tmp_path, capsys):
+    cli(["compare", "--fast", "--tasks", "topic", "question", "--methods", "full", "head", "--seeds", "0", "1",
+         "--out", str(tmp_path), "--quiet"])
+    data = json.loads((tmp_path / "question" / "comparison.json").read_text())
+    assert data["command"] == (f"python -m minipeft compare --fast --tasks topic question --methods full head "
+                               f"--seeds 0 1 --out {tmp_path} --quiet")
+    assert [(r["method"], r["seed"]) for r in data["results"]] == [("full", 0), ("full", 1), ("head", 0), ("head", 1)]
+    assert data["budget"]["max_train"] == 64 and len(data["test_labels"]) == 32 == len(data["results"][0]["test_predictions"])
+    assert len(data["machine"]["load_average"]["start"]) == 3 and data["machine"]["cores"] >= 1
+    assert len(load_results(tmp_path / "topic" / "comparison.json")) == 4
+    md = (tmp_path / "question" / "comparison.md").read_text()
+    assert "| head | 00 | 0.003 | 2,310 |" in md and "±" in md and "Command: `python -m minipeft compare" in md
+    assert "p=" in md.split("| head |")[1] and "| 100.0 | — |" in md  # head paired against full; full is the reference
+    assert (tmp_path / "topic" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit):
         compare.main(["--methods", "nope", "--out", str(tmp_path)])
     assert "unknown method(s) ['nope']; registered methods:" in capsys.readouterr().err

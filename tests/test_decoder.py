@@ -33,7 +33,7 @@ def prompts(tok):
     """Chat prompts of real BBC headlines; prompt i lists the first i + 1 headlines, so lengths all differ."""
     from minipeft.tasks import load_task
 
-    heads = list(load_task("topic", max_eval=4)["test"]["text"])
+    heads = list(load_task("topic", max_test=4)["test"]["text"])
     return [tok.apply_chat_template([{"role": "user", "content": "Which topic: " + "; ".join(heads[:i + 1])}],
                                     tokenize=False, add_generation_prompt=True) for i in range(4)]
 

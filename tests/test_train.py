@@ -11,7 +11,7 @@ from minipeft.train import (Budget, Result, SequenceClassifier, backbone_paramet
                             training_state_bytes)
 from helpers import TOL
 
-TINY = Budget(max_train=32, max_eval=16, epochs=2, batch_size=16, max_length=16, timing_warmup_steps=1)
+TINY = Budget(max_train=32, max_eval=16, max_test=16, epochs=2, batch_size=16, max_length=16, timing_warmup_steps=1)
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ def test_full_fine_tuning_changes_the_encoder(fresh):
     seed_everything(0)
     model = SequenceClassifier(fresh(), 2)
     before = model.encoder.layers[3].ffn.ffn_in.weight.clone()
-    r = train(model, "sentiment", 1e-4, Budget(max_train=16, max_eval=8, epochs=1, batch_size=16, max_length=16),
+    r = train(model, "sentiment", 1e-4, Budget(max_train=16, max_eval=8, max_test=8, epochs=1, batch_size=16, max_length=16),
               method="full", quiet=True)
     assert not torch.equal(model.encoder.layers[3].ffn.ffn_in.weight, before)
     assert r.trainable_params == r.total_params == 22_565_376 + 770

@@ -1,0 +1,116 @@
+"""Reading results: one row per method with its mean, 95% interval and a paired test against full fine-tuning.
+
+    rows = summarise(results, labels)      # Result records of one task (seeds of a method grouped)
+    print(markdown_table(results, labels))
+
+A row's ``vs_full`` compares the method with full fine-tuning seed by seed on the same test examples
+(``minipeft.stats.compare``: paired bootstrap + exact McNemar, verdict "better" / "within noise" / "worse").
+``pct_of_full`` is mean accuracy / mean accuracy of full fine-tuning, in percent (the design document's
+"> 90% of full fine-tuning").
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from .core import RECIPES
+from .stats import Comparison, compare, correctness, mean_interval
+from .train import Result
+
+REFERENCE = "full"
+
+
+def load_record(path) -> dict:
+    """A ``comparison.json``: its metadata and its runs (``record["results"]`` as ``Result`` objects)."""
+    record = json.loads(Path(path).read_text())
+    record["results"] = [Result.from_dict(d) for d in record["results"]]
+    return record
+
+
+def by_method(results: list[Result]) -> dict[str, list[Result]]:
+    """method -> its runs sorted by seed, methods in the order they were run."""
+    out: dict[str, list[Result]] = {}
+    for r in results:
+        out.setdefault(r.method, []).append(r)
+    return {m: sorted(rs, key=lambda r: r.seed) for m, rs in out.items()}
+
+
+def paired_against(runs: list[Result], reference: list[Result], labels) -> Comparison | None:
+    """``runs`` vs ``reference`` on the seeds both have (seed s with seed s); None without predictions."""
+    ref = {r.seed: r for r in reference}
+    pairs = [(r, ref[r.seed]) for r in runs if r.seed in ref and r.test_predictions and ref[r.seed].test_predictions]
+    if labels is None or not pairs:
+        return None
+    a = correctness([r.test_predictions for r, _ in pairs], labels)
+    b = correctness([f.test_predictions for _, f in pairs], labels)
+    return compare(a, b)
+
+
+def summarise(results: list[Result], labels=None, reference: str = REFERENCE) -> list[dict]:
+    """One row per method: sizes, test accuracy mean and 95% t half-width over seeds, % of ``reference``,
+    the paired comparison with it (when ``labels`` are given), median s/step, peak and formula memory."""
+    groups = by_method(results)
+    ref_mean = statistics.mean(r.test_acc for r in groups[reference]) if reference in groups else math.nan
+    rows = []
+    for name, rs in groups.items():
+        mean, half = mean_interval([r.test_acc for r in rs])
+        spec = RECIPES.get(name)
+        rows.append({
+            "method": name, "lesson": spec.lesson if spec else "", "lr": rs[0].lr, "seeds": [r.seed for r in rs],
+            "trainable": rs[0].trainable_params, "stored": rs[0].stored_params,
+            "trainable_pct": rs[0].trainable_pct, "stored_pct": rs[0].stored_pct,
+            "test_acc": mean, "half_width": half, "accs": [r.test_acc for r in rs],
+            "val_acc": statistics.mean(r.val_acc[-1] for r in rs), "pct_of_full": 100 * mean / ref_mean,
+            "vs_full": None if name == reference else paired_against(rs, groups.get(reference, []), labels),
+            "sec_per_step": statistics.median(r.sec_per_step for r in rs),
+            "peak_memory_mb": max(r.peak_memory_mb for r in rs), "train_state_mb": rs[0].train_state_mb})
+    return rows
+
+
+def fmt_acc(row: dict) -> str:
+    """"0.781 ± 0.012" (mean ± 95% half-width over seeds) or "0.781" with one seed."""
+    return f"{row['test_acc']:.3f}" + ("" if math.isnan(row["half_width"]) else f" ± {row['half_width']:.3f}")
+
+
+def fmt_vs_full(c: Comparison | None) -> str:
+    if c is None:
+        return "—"
+    return f"{100 * c.difference:+.1f} [{100 * c.low:+.1f}, {100 * c.high:+.1f}], p={c.p_mcnemar:.2g}: {c.verdict}"
+
+
+def markdown_table(results: list[Result], labels=None) -> str:
+    """The per-task table (accuracy in points of the ``labels`` test split; paired columns need labels)."""
+    head = ("| method | lesson | lr | trainable | % trained | % stored | test acc (95% CI) | % of full "
+            "| vs full: Δ points [95% CI], McNemar p | s/step | peak MiB | weights+grads+AdamW MiB |\n"
+            "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|\n")
+    return head + "".join(
+        f"| {r['method']} | {r['lesson']} | {r['lr']:g} | {r['trainable']:,} | {r['trainable_pct']:.3g} "
+        f"| {r['stored_pct']:.3g} | {fmt_acc(r)} | {r['pct_of_full']:.1f} | {fmt_vs_full(r['vs_full'])} "
+        f"| {r['sec_per_step']:.2f} | {r['peak_memory_mb']:.0f} | {r['train_state_mb']:.0f} |\n"
+        for r in summarise(results, labels))
+
+
+def plot(results: list[Result], path, labels=None) -> None:
+    """Test accuracy (mean, 95% interval over seeds) vs % of the backbone trained, log x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in summarise(results, labels):
+        half = 0.0 if math.isnan(row["half_width"]) else row["half_width"]
+        ax.errorbar([row["trainable_pct"]], [row["test_acc"]], yerr=[half], fmt="o", capsize=3)
+        ax.annotate(row["method"], (row["trainable_pct"], row["test_acc"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.1)
+    ax.set_xlabel("trainable parameters, % of the frozen backbone (log)")
+    ax.set_ylabel("test accuracy (mean, 95% interval over seeds)")
+    ax.set_title(f"{results[0].task}: accuracy vs parameters trained")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
