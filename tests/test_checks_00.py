@@ -94,3 +94,47 @@ def test_unfilled_exercise_raises_not_implemented_and_crashes_are_explained():
         check_training_memory(lambda n, t, bytes_per_value=4: 1 / 0)
     with pytest.raises(AssertionError, match="expected a function"):
         check_count_parameters(nn.Linear(2, 2).weight)
+
+
+# ---- max_trainable ----------------------------------------------------------------------------------------
+
+import math
+
+from minipeft.checks.lesson00 import MAX_TRAINABLE_CASES, _fits, check_max_trainable, reference_max_trainable
+
+
+def right_max_trainable(total, ratio):
+    return int((ratio - 1) * total // 3)
+
+
+def test_max_trainable_reference_is_the_largest_that_fits():
+    for total, ratio in MAX_TRAINABLE_CASES:
+        n = reference_max_trainable(total, ratio)
+        assert _fits(total, n, ratio) and not _fits(total, n + 1, ratio)
+    assert reference_max_trainable(22_565_376, 1.1) == 752_179
+
+
+def test_max_trainable_accepts_the_answer(capsys):
+    check_max_trainable(right_max_trainable)
+    assert "✔ max_trainable" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (lambda N, q: int((q - 1) * N // 4), "adds three values"),
+    (lambda N, q: int((q - 1) * N // 2), "three extra values, not two"),
+    (lambda N, q: int(q * N // 3), "already includes the frozen and trainable weights"),
+    (lambda N, q: math.ceil((q - 1) * N / 3 + 0.5), "Round down"),
+    (lambda N, q: max(0, int((q - 1) * N // 3) - 1), "still fit"),
+    (lambda N, q: (q - 1) * N / 3, "integer"),
+])
+def test_max_trainable_rejects(wrong, message):
+    with pytest.raises(AssertionError, match=message):
+        check_max_trainable(wrong)
+
+
+def test_max_trainable_unfilled_raises_not_implemented():
+    def unfilled(*args):
+        raise NotImplementedError("Exercise: ...")
+
+    with pytest.raises(NotImplementedError):
+        check_max_trainable(unfilled)

@@ -88,3 +88,49 @@ def test_unfilled_exercise_raises_not_implemented():
         check_adapter_parameters(unfilled)
     with pytest.raises(NotImplementedError):
         check_placement_parameters(unfilled, pfeiffer_count)
+
+
+# ---- largest_bottleneck --------------------------------------------------------------------------------------
+
+from minipeft.checks.lesson01 import (BUDGET_CASES, _count, check_largest_bottleneck,
+                                      reference_largest_bottleneck)
+from minipeft.methods.bottleneck import houlsby_count, pfeiffer_count
+
+
+def right_largest(d, L, budget, placement):
+    adapters = L * (2 if placement == "houlsby" else 1)
+    return max(0, (budget // adapters - d) // (2 * d + 1))
+
+
+def test_largest_bottleneck_reference_agrees_with_the_package_counts():
+    assert reference_largest_bottleneck(384, 6, 451_307, "pfeiffer") == 97
+    for d, L, budget, placement in BUDGET_CASES:
+        m = reference_largest_bottleneck(d, L, budget, placement)
+        count = houlsby_count if placement == "houlsby" else pfeiffer_count
+        assert _count(d, L, m, placement) == count(d, L, m) <= budget < count(d, L, m + 1)
+        assert right_largest(d, L, budget, placement) == m
+
+
+def test_largest_bottleneck_accepts_the_answer(capsys):
+    check_largest_bottleneck(right_largest)
+    assert "✔ largest_bottleneck" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (lambda d, L, B, p: right_largest(d, L, B, "pfeiffer" if p == "houlsby" else "houlsby"), "other placement"),
+    (lambda d, L, B, p: B // (L * (2 if p == "houlsby" else 1) * 2 * d), "biases"),
+    (lambda d, L, B, p: right_largest(d, L, B, p) + 1, "round down"),
+    (lambda d, L, B, p: right_largest(d, L, B, p) - 1, "still fits"),
+    (lambda d, L, B, p: float(right_largest(d, L, B, p)), "integer"),
+])
+def test_largest_bottleneck_rejects(wrong, message):
+    with pytest.raises(AssertionError, match=message):
+        check_largest_bottleneck(wrong)
+
+
+def test_largest_bottleneck_unfilled_raises_not_implemented():
+    def unfilled(*args):
+        raise NotImplementedError("Exercise: ...")
+
+    with pytest.raises(NotImplementedError):
+        check_largest_bottleneck(unfilled)

@@ -108,3 +108,47 @@ def test_unfilled_exercise_raises_not_implemented():
     for check in (check_lora_forward, check_merge, check_lora_parameters):
         with pytest.raises(NotImplementedError):
             check(unfilled)
+
+
+# ---- rank_for_budget -----------------------------------------------------------------------------------------
+
+from minipeft.checks.lesson02 import RANK_CASES, check_rank_for_budget, reference_rank_for_budget
+from minipeft.methods.lora import lora_count
+
+
+def right_rank(d, L, n, budget):
+    return budget // (L * n * 2 * d)
+
+
+def test_rank_for_budget_reference_is_the_largest_that_fits():
+    for d, L, n, budget in RANK_CASES:
+        r = reference_rank_for_budget(d, L, n, budget)
+        assert lora_count(r, d, d, n_targets=n, num_layers=L) <= budget < lora_count(r + 1, d, d, n_targets=n,
+                                                                                       num_layers=L)
+    assert reference_rank_for_budget(384, 6, 2, 299_904) == 32  # LoRA on q, v with Houlsby m=32's count on MiniLM
+
+
+def test_rank_for_budget_accepts_the_answer(capsys):
+    check_rank_for_budget(right_rank)
+    assert "✔ rank_for_budget" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (lambda d, L, n, B: B // (L * n * d), "two factors"),
+    (lambda d, L, n, B: B // (n * 2 * d), "one layer"),
+    (lambda d, L, n, B: B // (L * 2 * d), "shared by all"),
+    (lambda d, L, n, B: right_rank(d, L, n, B) + 1, "round down"),
+    (lambda d, L, n, B: right_rank(d, L, n, B) - 1, "still fits"),
+    (lambda d, L, n, B: B / (L * n * 2 * d), "integer"),
+])
+def test_rank_for_budget_rejects(wrong, message):
+    with pytest.raises(AssertionError, match=message):
+        check_rank_for_budget(wrong)
+
+
+def test_rank_for_budget_unfilled_raises_not_implemented():
+    def unfilled(*args):
+        raise NotImplementedError("Exercise: ...")
+
+    with pytest.raises(NotImplementedError):
+        check_rank_for_budget(unfilled)

@@ -79,3 +79,47 @@ def test_compacter_count_accepts_and_rejects(capsys):
         check_compacter_count(lambda d, L, k, n: float(compacter_count(d, L, k, n)))  # n·(d/n + k/n) is a float
     with pytest.raises(AssertionError, match="PHM-Adapter's count"):
         check_compacter_count(lambda d, L, k, n: paper_phm_adapter_count(d, L, k, n) + 2 * L * (k + d))
+
+
+# ---- best_n ------------------------------------------------------------------------------------------------
+
+from minipeft.checks.lesson03 import BEST_N_CASES, check_best_n, phm_weights, reference_best_n
+from minipeft.methods.phm import PHMLinear
+
+
+def right_best_n(d, k):
+    allowed = [n for n in range(1, min(d, k) + 1) if d % n == 0 and k % n == 0]
+    return min(allowed, key=lambda n: d * k // n + n ** 3)
+
+
+def test_best_n_reference():
+    assert reference_best_n(384, 24) == 8 and reference_best_n(768, 48) == 12
+    layer = PHMLinear(384, 24, n=8)  # the count is the package's PHM layer without its bias
+    assert sum(p.numel() for p in layer.parameters()) - 24 == phm_weights(384, 24, 8)
+    for d, k in BEST_N_CASES:
+        assert right_best_n(d, k) == reference_best_n(d, k)
+
+
+def test_best_n_accepts_the_answer(capsys):
+    check_best_n(right_best_n)
+    assert "✔ best_n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (lambda d, k: round((d * k / 3) ** 0.25), "does not divide both"),
+    (lambda d, k: max(n for n in range(1, k + 1) if d % n == 0 and k % n == 0), "largest n"),
+    (lambda d, k: 1, "dense matrix"),
+    (lambda d, k: 2 if d > 10 else 1, "both parts"),
+    (lambda d, k: float(right_best_n(d, k)), "integer"),
+])
+def test_best_n_rejects(wrong, message):
+    with pytest.raises(AssertionError, match=message):
+        check_best_n(wrong)
+
+
+def test_best_n_unfilled_raises_not_implemented():
+    def unfilled(*args):
+        raise NotImplementedError("Exercise: ...")
+
+    with pytest.raises(NotImplementedError):
+        check_best_n(unfilled)

@@ -110,3 +110,50 @@ def test_unfilled_exercise_raises_not_implemented_and_crashes_are_explained():
         check_parallel_module(FloatScale)
     with pytest.raises(AssertionError, match="needs self.down"):
         check_parallel_module(lambda *a: nn.Identity())
+
+
+# ---- affine_residual -----------------------------------------------------------------------------------------
+
+from minipeft.checks.lesson04 import _residual_cases, check_affine_residual, reference_affine_residual
+
+
+def right_residual(X, Y):
+    X1 = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], dim=1)
+    fit = X1 @ torch.linalg.lstsq(X1, Y).solution
+    return ((Y - fit).norm() / Y.norm()).item()
+
+
+def test_affine_residual_reference():
+    cases = list(_residual_cases().values())
+    assert reference_affine_residual(*cases[0]) < 1e-10
+    assert reference_affine_residual(*cases[1]) > 0.1
+    assert abs(reference_affine_residual(*cases[1]) - reference_affine_residual(*cases[2])) < 1e-9
+
+
+def test_affine_residual_accepts_the_answer(capsys):
+    check_affine_residual(right_residual)
+    assert "✔ affine_residual" in capsys.readouterr().out
+
+
+def no_bias(X, Y):
+    return ((Y - X @ torch.linalg.lstsq(X, Y).solution).norm() / Y.norm()).item()
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (no_bias, "linear\\* fit"),
+    (lambda X, Y: right_residual(X, Y) * Y.norm().item(), "absolute residual"),
+    (lambda X, Y: right_residual(X, Y) ** 2, "squared"),
+    (lambda X, Y: 0.5, "least squares"),
+    (lambda X, Y: "small", "a number"),
+])
+def test_affine_residual_rejects(wrong, message):
+    with pytest.raises(AssertionError, match=message):
+        check_affine_residual(wrong)
+
+
+def test_affine_residual_unfilled_raises_not_implemented():
+    def unfilled(*args):
+        raise NotImplementedError("Exercise: ...")
+
+    with pytest.raises(NotImplementedError):
+        check_affine_residual(unfilled)

@@ -108,3 +108,45 @@ def test_unfilled_and_not_a_function():
         check_prefix_attention(torch.zeros(2))
     with pytest.raises(AssertionError, match="should return a tensor"):
         check_prefix_attention(lambda *a: 0)
+
+
+# ---- prefix_gate ---------------------------------------------------------------------------------------------
+
+from minipeft.checks.lesson05 import check_prefix_gate, reference_gate
+
+
+def right_gate(q, k, prefix_k, key_mask, num_heads):
+    # He et al. 2022, Eq. 7 via logsumexp: λ = sigmoid(lse(prefix scores) − lse(real scores))
+    B, l = q.shape[0], prefix_k.shape[0]
+    qh, kh, ph = split(q, num_heads), split(k, num_heads), split(prefix_k.expand(B, -1, -1), num_heads)
+    s_pre = qh @ ph.mT / qh.shape[-1] ** 0.5
+    s_real = qh @ kh.mT / qh.shape[-1] ** 0.5
+    if key_mask is not None:
+        s_real = s_real.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return torch.sigmoid(torch.logsumexp(s_pre, -1) - torch.logsumexp(s_real, -1))
+
+
+def test_prefix_gate_accepts_the_answer(capsys):
+    check_prefix_gate(right_gate)
+    assert "✔ prefix_gate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (lambda q, k, p, m, H: 1 - right_gate(q, k, p, m, H), "1 − λ"),
+    (lambda q, k, p, m, H: reference_gate(q, k, p, m, H, mask_padding=False), "padded keys"),
+    (lambda q, k, p, m, H: reference_gate(q, k, p, m, H, scale=1.0), "not scaled"),
+    (lambda q, k, p, m, H: right_gate(q, k, p, m, H).transpose(1, 2), "returned shape"),
+    (lambda q, k, p, m, H: 2 * right_gate(q, k, p, m, H), "outside \\[0, 1\\]"),
+    (lambda q, k, p, m, H: right_gate(q, k, p, m, H).tolist(), "should return a tensor"),
+])
+def test_prefix_gate_rejects(wrong, message):
+    with pytest.raises(AssertionError, match=message):
+        check_prefix_gate(wrong)
+
+
+def test_prefix_gate_unfilled_raises_not_implemented():
+    def unfilled(*args):
+        raise NotImplementedError("Exercise: ...")
+
+    with pytest.raises(NotImplementedError):
+        check_prefix_gate(unfilled)

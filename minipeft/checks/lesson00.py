@@ -115,3 +115,52 @@ def check_training_memory(fn) -> None:
              + hint.get(got, "every weight is held once; each trainable one also has a gradient and AdamW's m "
                              "and v; each value takes bytes_per_value bytes."))
     passed(name, f"correct on {len(cases)} cases (full FT, head only, nothing trained, 2-byte values)")
+
+
+# ---- a derivation: how many trainable parameters does a memory budget allow? --------------------------------
+
+MAX_TRAINABLE_CASES = ((22_565_376, 1.1), (1_000, 2.0), (109_482_240, 1.5), (10, 1.0), (7, 1.25))
+
+
+def _fits(total: int, trainable: int, ratio: float) -> bool:
+    """weights + gradients + AdamW (4 bytes each) <= ratio × the weights alone; exact (fractions, no rounding)."""
+    from fractions import Fraction
+
+    return 4 * (total + 3 * trainable) <= Fraction(ratio) * 4 * total
+
+
+def reference_max_trainable(total: int, ratio: float) -> int:
+    """The largest n with 4(N + 3n) <= ratio · 4N, i.e. floor((ratio - 1)·N / 3), computed exactly."""
+    from fractions import Fraction
+
+    return max(0, int((Fraction(ratio) - 1) * total // 3))
+
+
+def check_max_trainable(fn) -> None:
+    """``fn(total_params, ratio) -> int``: the most parameters one may train so that weights + gradients + AdamW
+    state stay within ``ratio`` times the memory of the weights alone (fp32, activations excluded)."""
+    name = "max_trainable"
+    for total, ratio in MAX_TRAINABLE_CASES:
+        got = call(name, fn, total, ratio, hint="total_params is an int, ratio a float >= 1.")
+        need_int(name, got, f"for total_params={total:,}, ratio={ratio}")
+        want = reference_max_trainable(total, ratio)
+        if got == want:
+            continue
+        where = f"for total_params={total:,} and ratio={ratio}: gave {got:,}, expected {want:,}."
+        mistakes = {
+            int((ratio - 1) * total // 4): " Each trainable weight adds three values (its gradient, m and v): its "
+            "own value is already among the weights.",
+            int((ratio - 1) * total // 2): " AdamW keeps two moments (m and v) per trainable weight, and the gradient "
+            "comes on top: three extra values, not two.",
+            int(ratio * total // 3): " The budget ratio × weights already includes the frozen and trainable weights "
+            "themselves: only what is left over pays for gradients and moments.",
+        }
+        hint = mistakes.get(got, "")
+        if not hint and got > want:
+            hint = (" That many does not fit: weights + gradients + AdamW would exceed the budget. Round down, not "
+                    "to the nearest.") if not _fits(total, got, ratio) else ""
+        elif not hint and got < want:
+            hint = f" {got + 1:,} trainable parameters still fit: find the largest count that does."
+        fail(name, where + (hint or " Write the memory as a function of the trainable count n, set it equal to "
+                                    "the budget, solve for n, and round to a whole number that still fits."))
+    passed(name, "the largest trainable count within the budget, on MiniLM, BERT-base and three small cases")

@@ -140,3 +140,54 @@ def check_placement_parameters(houlsby_fn, pfeiffer_fn) -> None:
                  + hints.get(got, f"one adapter has 2md + d + m parameters and {label} puts {per_layer} per layer."))
     passed(name, "Houlsby 2L(2md + d + m) and Pfeiffer L(2md + d + m) match numel on MiniLM and BERT-base "
            "(m=64 → 2,379,264 and m=48 → 894,528)")
+
+
+# ---- a derivation: the widest bottleneck a parameter budget allows -------------------------------------------
+
+BUDGET_CASES = ((384, 6, 451_307, "houlsby"), (384, 6, 451_307, "pfeiffer"), (768, 12, 1_094_822, "houlsby"),
+                (768, 12, 1_094_822, "pfeiffer"), (16, 2, 100, "houlsby"))
+
+
+def _count(d: int, L: int, m: int, placement: str) -> int:
+    per_adapter = 2 * m * d + d + m
+    return (2 if placement == "houlsby" else 1) * L * per_adapter
+
+
+def reference_largest_bottleneck(d: int, L: int, budget: int, placement: str) -> int:
+    """The largest m >= 0 whose adapters (2md + d + m each; 2 per layer for Houlsby, 1 for Pfeiffer) fit."""
+    m = 0
+    while _count(d, L, m + 1, placement) <= budget:
+        m += 1
+    return m
+
+
+def check_largest_bottleneck(fn) -> None:
+    """``fn(d, L, budget, placement) -> int``: the largest bottleneck m whose Houlsby (two per layer) or Pfeiffer
+    (one per layer) adapters, biases included, have at most ``budget`` parameters (0 if not even m = 1 fits)."""
+    name = "largest_bottleneck"
+    for d, L, budget, placement in BUDGET_CASES:
+        got = call(name, fn, d, L, budget, placement, hint="placement is the string 'houlsby' or 'pfeiffer'.")
+        need_int(name, got, f"for d={d}, L={L}, budget={budget:,}, {placement}")
+        want = reference_largest_bottleneck(d, L, budget, placement)
+        if got == want:
+            continue
+        where = f"for d={d}, L={L}, budget={budget:,}, {placement}: gave m={got}, expected {want}."
+        other = "pfeiffer" if placement == "houlsby" else "houlsby"
+        no_bias = 0
+        while (2 if placement == "houlsby" else 1) * L * 2 * (no_bias + 1) * d <= budget:
+            no_bias += 1
+        if got == reference_largest_bottleneck(d, L, budget, other):
+            hint = (" That is the answer for the other placement: Houlsby has two adapters per layer, Pfeiffer "
+                    "one.")
+        elif got == no_bias and got != want:
+            hint = " The biases (d + m per adapter) count too: with them, that bottleneck no longer fits."
+        elif got > want and _count(d, L, got, placement) > budget:
+            hint = (f" m={got} costs {_count(d, L, got, placement):,} parameters, over the budget: round down, "
+                    "not to the nearest.")
+        elif got < want:
+            hint = f" m={got + 1} still fits ({_count(d, L, got + 1, placement):,} parameters): find the largest."
+        else:
+            hint = (" Write the placement's count as a function of m, solve count(m) <= budget for m, and round "
+                    "down to a whole number.")
+        fail(name, where + hint)
+    passed(name, "the largest m within the budget for both placements (MiniLM and BERT-base at 2% and 1%)")

@@ -175,3 +175,42 @@ def check_lora_parameters(fn) -> None:
         fail(name, f"gave {got!r} for d={d}, L={L}, r={r}, {n} targets {targets}; numel says {want:,}: "
              + hints.get(got, "each target has A (r×d) and B (d×r)."))
     passed(name, "L · |targets| · r(d_in + d_out) matches numel (BERT-base, r=8 on q, v: 294,912)")
+
+
+# ---- a derivation: the rank at which LoRA spends a given budget -----------------------------------------------
+
+RANK_CASES = ((384, 6, 4, 299_904), (384, 6, 2, 299_904), (768, 12, 2, 2_379_264), (768, 12, 2, 294_912),
+              (64, 2, 2, 100))
+
+
+def reference_rank_for_budget(d: int, L: int, n_targets: int, budget: int) -> int:
+    """The largest r >= 0 with L · n_targets · r(d + d) <= budget (square d×d targets)."""
+    return budget // (L * n_targets * 2 * d)
+
+
+def check_rank_for_budget(fn) -> None:
+    """``fn(d, L, n_targets, budget) -> int``: the largest rank r whose LoRA on ``n_targets`` square d×d
+    projections in each of L layers has at most ``budget`` parameters (0 if not even r = 1 fits)."""
+    name = "rank_for_budget"
+    for d, L, n, budget in RANK_CASES:
+        got = call(name, fn, d, L, n, budget)
+        need_int(name, got, f"for d={d}, L={L}, {n} targets, budget={budget:,}")
+        want = reference_rank_for_budget(d, L, n, budget)
+        if got == want:
+            continue
+        where = f"for d={d}, L={L}, {n} targets, budget={budget:,}: gave r={got}, expected {want}."
+        cost = lambda r: L * n * r * 2 * d  # noqa: E731
+        if got == budget // (L * n * d):
+            hint = " Each target has two factors, A (r×d) and B (d×r): a rank costs 2d per target, not d."
+        elif got == budget // (n * 2 * d):
+            hint = f" That spends the budget on one layer: every one of the L={L} layers gets its own A and B."
+        elif got == budget // (L * 2 * d):
+            hint = f" That is for one target per layer: the budget is shared by all {n} targets."
+        elif got > want and cost(got) > budget:
+            hint = f" r={got} costs {cost(got):,} parameters, over the budget: round down, not to the nearest."
+        elif got < want:
+            hint = f" r={got + 1} still fits ({cost(got + 1):,} parameters): find the largest."
+        else:
+            hint = " Write LoRA's count as a function of r, solve count(r) <= budget, round down."
+        fail(name, where + hint)
+    passed(name, "the largest rank within the budget (MiniLM, BERT-base; 2 and 4 targets)")

@@ -112,3 +112,46 @@ def check_compacter_count(fn) -> None:
              "of one PHM layer (n of each, in/n and out/n long), then PHM layers per adapter and adapters per layer, "
              "then the biases and the one shared A.")
     passed(name, "matches numel for BERT-base (k = 24: 57,088), MiniLM and two more shapes")
+
+
+# ---- a derivation: the n that makes a PHM layer smallest ------------------------------------------------------
+
+BEST_N_CASES = ((384, 24), (768, 48), (384, 32), (768, 24), (10, 6))
+
+
+def phm_weights(d_in: int, d_out: int, n: int) -> int:
+    """Weights of one PHM layer with its own A (no bias): n³ for the A_i + n·(d_in/n)(d_out/n) for the B_i."""
+    return n ** 3 + d_in * d_out // n
+
+
+def reference_best_n(d: int, k: int) -> int:
+    """The n dividing both d and k that minimises a PHM layer's weights d·k/n + n³ (ties: the smaller n)."""
+    divisors = [n for n in range(1, min(d, k) + 1) if d % n == 0 and k % n == 0]
+    return min(divisors, key=lambda n: (phm_weights(d, k, n), n))
+
+
+def check_best_n(fn) -> None:
+    """``fn(d, k) -> int``: the number of Kronecker terms n that makes a d→k PHM layer (own A_i, full B_i, no
+    bias) smallest, among the n that divide both d and k."""
+    name = "best_n"
+    for d, k in BEST_N_CASES:
+        got = call(name, fn, d, k)
+        need_int(name, got, f"for d={d}, k={k}")
+        want = reference_best_n(d, k)
+        if got == want:
+            continue
+        where = (f"for d={d}, k={k}: gave n={got}, expected n={want} ({phm_weights(d, k, want):,} weights"
+                 + (f" vs {phm_weights(d, k, got):,} at n={got}" if got >= 1 and d % got == 0 and k % got == 0
+                    else "") + ").")
+        if got < 1 or d % got or k % got:
+            hint = (f" n={got} does not divide both d={d} and k={k}: the B_i are (d/n)×(k/n) tiles, so only "
+                    "common divisors are possible. Search among them.")
+        elif got == max(n for n in range(1, min(d, k) + 1) if d % n == 0 and k % n == 0):
+            hint = (" The largest n makes the B_i smallest but the A_i cost n³, which grows fast: minimise the "
+                    "sum of both parts.")
+        elif got == 1:
+            hint = " n = 1 is the dense matrix; the A_i cost only n³, so a larger n pays for itself at first."
+        else:
+            hint = " Write the weights as a function of n (both parts), then compare every allowed n."
+        fail(name, where + hint)
+    passed(name, "the n that minimises d·k/n + n³ among the common divisors, on 5 shapes")

@@ -133,3 +133,52 @@ def check_parallel_module(cls) -> None:
                      "tensor in the graph all the way to Δh (float(...) or .item() turn it into a constant, in "
                      "forward or in parallel_delta).")
     passed(name, "He et al.'s init (W_down Kaiming-uniform, W_up = 0), fixed or learned s, Δh = s·A(x)")
+
+
+# ---- an experiment: can Δh be merged into the frozen weights? -------------------------------------------------
+
+def reference_affine_residual(X: torch.Tensor, Y: torch.Tensor) -> float:
+    """‖Y − (X W + b)‖_F / ‖Y‖_F for the least-squares W, b: how far Y is from any affine function of X."""
+    X1 = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype)], dim=1).double()  # (N, d + 1)
+    sol = torch.linalg.lstsq(X1, Y.double(), driver="gelsd").solution  # (d + 1, out)
+    return ((Y.double() - X1 @ sol).norm() / Y.double().norm()).item()
+
+
+def _residual_cases():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    W, b = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    affine = X @ W + 3.0 * b  # exactly affine, with a large offset: a fit without b cannot reach it
+    nonlinear = torch.relu(X @ W) + 0.5 * b
+    return {"an exactly affine Y = XW + b": (X, affine), "Y = relu(XW) + b/2": (X, nonlinear),
+            "the same Y times 100": (X, 100.0 * nonlinear)}
+
+
+def check_affine_residual(fn) -> None:
+    """``fn(X, Y) -> float``: the relative residual ‖Y − (XW + b)‖_F / ‖Y‖_F of the best (least-squares) affine
+    fit of Y (N, out) from X (N, d). 0 means Y = XW + b exactly: such a Δh could be folded into a linear layer."""
+    name = "affine_residual"
+    for what, (X, Y) in _residual_cases().items():
+        got = call(name, fn, X.clone(), Y.clone(), hint="X is (N, d) and Y is (N, out); solve for W (d, out) and b.")
+        try:
+            got = float(got)
+        except (TypeError, ValueError):
+            fail(name, f"should return a number (a float), got {type(got).__name__}")
+        want = reference_affine_residual(X, Y)
+        if abs(got - want) <= 1e-4 + 1e-3 * want:
+            continue
+        Xd, Yd = X.double(), Y.double()
+        no_bias = ((Yd - Xd @ torch.linalg.lstsq(Xd, Yd).solution).norm() / Yd.norm()).item()
+        absolute = want * Yd.norm().item()
+        if abs(got - no_bias) <= 1e-4 + 1e-3 * no_bias:
+            hint = (" That is the best *linear* fit XW: an adapter's Δh has biases, so allow an offset b too "
+                    "(the merged layer would keep a bias).")
+        elif abs(got - absolute) <= 1e-3 * max(1.0, absolute):
+            hint = " That is the absolute residual: divide by ‖Y‖ so that the answer does not depend on Y's scale."
+        elif abs(got - want ** 2) <= 1e-4 + 1e-3 * want ** 2:
+            hint = " That is the squared ratio: use norms, not squared norms."
+        else:
+            hint = (" Fit W and b by least squares on all N rows at once (e.g. with a column of ones appended to "
+                    "X), then compare the fitted values with Y.")
+        fail(name, f"on {what}: gave {got:.4g}, expected {want:.4g}." + hint)
+    passed(name, "0 for an affine Y, the least-squares residual otherwise, independent of Y's scale")

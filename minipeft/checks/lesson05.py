@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.encoder import Attention, EncoderConfig
-from . import fail, max_error, passed
+from . import call, fail, max_error, passed
 
 TINY = EncoderConfig(vocab_size=100, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
                      max_position=24, type_vocab_size=1, attention_dropout=0.0, dropout=0.0, name="tiny")
@@ -167,3 +167,56 @@ def check_prefix_attention(fn) -> None:
                        "the scale 1/√d_h, and that prefix_k / prefix_v are concatenated in front of k / v along the "
                        "sequence axis (a wrong axis of the same size runs but mixes features or heads).")
     passed(name, "matches minipeft's Attention with a prefix on 4 cases (padding, l = T, l > T, no mask)")
+
+
+# ---- He et al.'s gate: the share of attention on the prefix ----------------------------------------------------
+
+def reference_gate(q, k, prefix_k, key_mask, num_heads, scale=None, mask_padding=True) -> torch.Tensor:
+    """λ (B, H, T): the softmax mass each query puts on the l prefix keys, the real keys masked at padding
+    (He et al. 2022, Eq. 7: λ = Σ_i e^{q·P_k,i} / (Σ_i e^{q·P_k,i} + Σ_j e^{q·K_j}), scores scaled by 1/√d_h)."""
+    B, l = q.shape[0], prefix_k.shape[0]
+    split = lambda t: t.view(t.shape[0], t.shape[1], num_heads, -1).transpose(1, 2)  # noqa: E731  (B, H, ·, d_h)
+    K = torch.cat([prefix_k.expand(B, -1, -1), k], 1)  # (B, l + T, d)
+    qh, Kh = split(q), split(K)
+    scores = qh @ Kh.mT * (qh.shape[-1] ** -0.5 if scale is None else scale)  # (B, H, T, l + T)
+    if key_mask is not None and mask_padding:
+        m = torch.cat([key_mask.new_ones(B, l), key_mask], 1)[:, None, None, :]
+        scores = scores.masked_fill(~m, float("-inf"))
+    return scores.softmax(-1)[..., :l].sum(-1)  # (B, H, T)
+
+
+def check_prefix_gate(fn) -> None:
+    """``fn(q, k, prefix_k, key_mask, num_heads) -> (B, H, T)``: λ, the share of each query's attention (per
+    head) that goes to the prefix keys; padded keys get none of it."""
+    name = "prefix_gate"
+    for x, attn, pk, _, key_mask in _cases():
+        B, T, d = x.shape
+        l, H = pk.shape[0], attn.num_heads
+        where = f"B={B}, T={T}, l={l}, {H} heads, " + ("with padding" if key_mask is not None else "no mask")
+        with torch.no_grad():
+            q, k = attn.q(x), attn.k(x)
+            want = reference_gate(q, k, pk, key_mask, H)
+            got = call(name, fn, q, k, pk, key_mask, H, hint="q, k are (B, T, d), prefix_k (l, d), key_mask (B, T) "
+                       "bool or None; split into heads as (B, H, T, d_h).")
+        if not isinstance(got, torch.Tensor):
+            fail(name, f"should return a tensor (B, H, T), got {type(got).__name__}")
+        if tuple(got.shape) != (B, H, T):
+            fail(name, f"returned shape {tuple(got.shape)} ({where}), expected (B, H, T) = {(B, H, T)}: one λ per "
+                 "query and head" + ("; sum over the prefix keys (the last axis)." if got.dim() == 4 else "."))
+        if torch.allclose(got, want, atol=1e-5):
+            continue
+        mistakes = {"1 − λ: that is the share of the real tokens; λ is the share of the prefix":
+                    1 - want,
+                    "the padded keys took part of the mass: mask them (-inf) before the softmax, as the attention does":
+                    reference_gate(q, k, pk, key_mask, H, mask_padding=False),
+                    "the scores are not scaled: divide q·k by √d_h, as the attention does":
+                    reference_gate(q, k, pk, key_mask, H, scale=1.0)}
+        for hint, wrong in mistakes.items():
+            if torch.allclose(got, wrong, atol=1e-5) and not torch.allclose(wrong, want, atol=1e-5):
+                fail(name, f"wrong λ ({where}): {hint}.")
+        if ((got < -1e-6) | (got > 1 + 1e-6)).any():
+            fail(name, f"λ outside [0, 1] ({where}): it is a share of a softmax; is the softmax over the keys (last "
+                       "axis) and the sum over the prefix columns only?")
+        fail(name, f"wrong λ ({where}): {max_error(got, want)}. λ is the softmax mass on the first l key columns "
+                   "when the softmax runs over all l + T keys.")
+    passed(name, "λ = the prefix's share of each query's attention, per head (padding, l = T, l > T, no mask)")
