@@ -3,7 +3,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup test compare exercises
+.PHONY: setup test compare results exercises
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml assets.txt
@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml assets.txt
 test: setup
 	MINIPEFT_FAST=1 $(PY) -m pytest --nbval-lax tests notebooks solutions
 
-compare: setup
+compare: setup      # every method, seed 0, on `question`, into runs/ (about N minutes on 2 idle cores)
 	$(PY) -m minipeft compare
+
+results: setup      # what results/ holds: 3 tasks x 3 seeds x every method, then the costs and the table
+	$(PY) -m minipeft compare --tasks question topic sentiment --seeds 0 1 2 --out results --quiet
+	cd bench && ../$(PY) costs.py --out ../results/costs.json
+	$(PY) -m minipeft report --results results
 
 exercises: setup
 	$(PY) -m minipeft.exercises build

@@ -1,10 +1,12 @@
 """python -m minipeft <command>: the package's command line.
 
-    python -m minipeft compare [--task T] [--seeds S ...] [--fast] [--methods M ...] [--out DIR]
+    python -m minipeft compare [--tasks T ...] [--seeds S ...] [--fast] [--methods M ...] [--out DIR]
+    python -m minipeft report [--results DIR]
 """
 import sys
 
-COMMANDS = {"compare": "train the registered methods on one task and write results/ (see minipeft.compare)"}
+COMMANDS = {"compare": "train the registered methods on one or more tasks, one folder each (minipeft.compare)",
+            "report": "the design document's table from results/ (minipeft.report)"}
 
 
 def main(argv=None):
@@ -16,6 +18,10 @@ def main(argv=None):
             sys.exit(f"unknown command {argv[0]!r}; allowed: {sorted(COMMANDS)}\n\n{usage}")
         print(usage)
         return
+    if argv[0] == "report":
+        from .report import main as report_main
+
+        return report_main(argv[1:])
     from .compare import main as compare_main
 
     compare_main(argv[1:])

@@ -121,6 +121,21 @@ def apply_recipe(model: nn.Module, recipe: Recipe, size=None) -> nn.Module:
     return model
 
 
+def for_inference(model: nn.Module) -> nn.Module:
+    """Deploy: fold every active LoRA into its weight (W = W0 + (α/r)BA, Hu et al. 2021 §4.1) and drop every
+    prefix's reparameterisation MLP (Li & Liang 2021 §4.3); eval mode. Returns ``model`` (changed in place).
+    What is left of the adapters afterwards is what inference pays for (``adapter_modules(model)``)."""
+    from .methods.lora import LoRALinear, merge_and_unload
+    from .methods.prefix import eject_prefix
+
+    if any(isinstance(m, LoRALinear) and m.active for m in adapter_modules(model).values()):
+        merge_and_unload(model)
+    backbone = find_backbone(model)
+    for name in list(getattr(backbone, "prefixes", {})):
+        eject_prefix(model, name)
+    return model.eval()
+
+
 # ---- counting -----------------------------------------------------------------------------------------------
 
 @dataclass

@@ -114,3 +114,76 @@ def plot(results: list[Result], path, labels=None) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---- the design document's table, measured ------------------------------------------------------------------
+
+def load_all(results_dir="results") -> tuple[dict[str, dict], dict | None]:
+    """({task: record} for every ``<results_dir>/<task>/comparison.json``, the costs record or None)."""
+    root = Path(results_dir)
+    records = {p.parent.name: load_record(p) for p in sorted(root.glob("*/comparison.json"))}
+    costs = root / "costs.json"
+    return records, (json.loads(costs.read_text()) if costs.exists() else None)
+
+
+def design_rows(records: dict[str, dict], costs: dict | None = None) -> list[dict]:
+    """One row per method (in lesson order): sizes, costs (side by side, ``bench/costs.py``), peak training memory
+    and its formula (first task's runs), and per task the ``summarise`` row (accuracy, interval, verdict)."""
+    per_task = {t: {r["method"]: r for r in summarise(rec["results"], rec.get("test_labels"))}
+                for t, rec in records.items()}
+    methods = sorted({m for rows in per_task.values() for m in rows},
+                     key=lambda m: (RECIPES[m].lesson if m in RECIPES else "99", list(RECIPES).index(m)
+                                    if m in RECIPES else 0))
+    out = []
+    for m in methods:
+        first = next(rows[m] for rows in per_task.values() if m in rows)
+        cost = (costs or {}).get("methods", {}).get(m, {})
+        out.append({"method": m, "trainable_pct": first["trainable_pct"], "stored_pct": first["stored_pct"],
+                    "peak_memory_mb": first["peak_memory_mb"], "train_state_mb": first["train_state_mb"],
+                    "step_vs_full": cost.get("step_vs_full", math.nan), "merges": cost.get("merges"),
+                    "batch1_vs_base": cost.get("batch 1 vs base", math.nan),
+                    "batch32_vs_base": cost.get("batch 32 vs base", math.nan),
+                    "tasks": {t: rows.get(m) for t, rows in per_task.items()}})
+    return out
+
+
+def design_markdown(records: dict[str, dict], costs: dict | None = None) -> str:
+    tasks = list(records)
+    head = ("| method | % trained | % stored | train step vs full | peak MiB (formula) | merges | inference b1 / b32 "
+            "vs base | " + " | ".join(f"{t}: acc ± 95% CI (% of full), vs full" for t in tasks) + " |\n"
+            "|---|---:|---:|---:|---:|---|---:|" + "---|" * len(tasks) + "\n")
+
+    def task_cell(row):
+        if row is None:
+            return "not run"
+        verdict = ("reference" if row["method"] == REFERENCE else
+                   "no paired runs" if row["vs_full"] is None else row["vs_full"].verdict)
+        return f"{fmt_acc(row)} ({row['pct_of_full']:.1f}%), {verdict}"
+
+    merges = {True: "yes", False: "no", None: "?"}
+    return head + "".join(
+        f"| {r['method']} | {r['trainable_pct']:.3g} | {r['stored_pct']:.3g} | {r['step_vs_full']:.2f} "
+        f"| {r['peak_memory_mb']:.0f} ({r['train_state_mb']:.0f}) | {merges[r['merges']]} "
+        f"| {r['batch1_vs_base']:.2f} / {r['batch32_vs_base']:.2f} | "
+        + " | ".join(task_cell(r["tasks"][t]) for t in tasks) + " |\n" for r in design_rows(records, costs))
+
+
+def main(argv=None) -> str:
+    """``python -m minipeft report [--results results]``: print the measured table and write ``table.md``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m minipeft report",
+                                description="the design document's table from results/ (all tasks + costs)")
+    p.add_argument("--results", default="results", help="folder with <task>/comparison.json and costs.json")
+    args = p.parse_args(argv)
+    records, costs = load_all(args.results)
+    if not records:
+        p.error(f"no {args.results}/<task>/comparison.json found; make them with `make results` "
+                "(python -m minipeft compare)")
+    text = design_markdown(records, costs)
+    note = ("" if costs else "\nNo costs.json: run `cd bench && ../.venv/bin/python costs.py --out ../results/costs.json`.\n")
+    Path(args.results, "table.md").write_text(
+        "# The design document's table, measured\n\n" + text + note + "\nMade by `python -m minipeft report` from "
+        + ", ".join(f"`{t}/comparison.json`" for t in records) + (" and `costs.json`" if costs else "") + ".\n")
+    print(text + note)
+    return text

@@ -181,3 +181,23 @@ def test_targets_never_land_inside_another_adapter(model):
     add_adapter(model, LoRAConfig(r=2, targets=[r".*\.(up|down|ffn_out)"]), "lora")
     hooked = [n for n, m in model.named_modules() if hasattr(m, "output_deltas")]
     assert hooked == [f"layers.{i}.ffn.ffn_out" for i in range(6)]
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_for_inference_keeps_the_function_and_drops_what_inference_does_not_need(model, batch, method):
+    """``for_inference``: LoRA folded into W (no LoRA module left), prefix MLP dropped (2·l·d·L stored values
+    left), everything else as it was; the same outputs at real tokens, eval mode."""
+    from minipeft import for_inference
+    from minipeft.core import adapter_modules
+    from minipeft.methods.lora import LoRALinear
+    from minipeft.methods.prefix import Prefix
+
+    add_adapter(model, CONFIGS[method], "a")
+    perturb(model)
+    expected = run(model, batch)
+    for_inference(model.train())
+    assert not model.training and gap(run(model, batch), expected, batch["attention_mask"]) < TOL
+    left = list(adapter_modules(model).values())
+    assert not any(isinstance(m, LoRALinear) for m in left)
+    assert all(not m.reparameterized for m in left if isinstance(m, Prefix))
+    assert (not left) == (method == "lora")

@@ -47,3 +47,18 @@ def test_cli_writes_the_three_files_per_task(tmp_path, capsys):
     assert "unknown method(s) ['nope']; registered methods:" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli(["train"])
+
+
+def test_one_builder_gives_the_same_numbers_whatever_ran_before():
+    """A lesson builds its models in its own order; compare runs them in lesson order. Through ``build_model``
+    (which seeds before building) the same method, task and seed give the same run either way."""
+    from minipeft.compare import run_comparison
+    from minipeft.train import Budget, train
+
+    budget = Budget.fast()
+    harness = {r.method: r for r in run_comparison(["lora", "prefix"], "topic", [1], budget, quiet=True)}
+    build_model("houlsby", "topic", seed=3)  # a lesson built (and seeded) something else first
+    for name in ("prefix", "lora"):           # ... and runs them in another order
+        spec = get_method(name)
+        lesson = train(build_model(spec, "topic", seed=1), "topic", spec.lr, budget, seed=1, quiet=True)
+        assert lesson.losses == harness[name].losses and lesson.test_predictions == harness[name].test_predictions
