@@ -173,3 +173,25 @@ def placement_figure(methods=("houlsby", "pfeiffer", "lora", "parallel", "prefix
         draw_layer(ax, method)
     fig.tight_layout()
     return fig
+
+
+# ---- accuracies as text, with their noise ---------------------------------------------------------------------
+
+def accuracy_text(result) -> str:
+    """``"0.772 ± 0.026"``: a run's test accuracy and the half-width of its 95% binomial interval (its
+    ``test_predictions`` say on how many examples it was scored)."""
+    n = len(result.test_predictions) or 1
+    return f"{result.test_acc:.3f} ± {binomial_halfwidth(result.test_acc, n):.3f}"
+
+
+def paired_text(a, b, labels) -> str:
+    """A against B on the same test examples (``minipeft.stats.compare``): the accuracy difference in points with
+    its 95% paired-bootstrap interval, the exact McNemar p, and the verdict ("better" / "within noise" / "worse").
+    ``a`` and ``b`` are a Result or a list of Results (seeds, paired in order); ``labels`` the test labels."""
+    from .stats import compare, correctness
+
+    a, b = (x if isinstance(x, (list, tuple)) else [x] for x in (a, b))
+    y = list(labels)[:len(a[0].test_predictions)]
+    c = compare(correctness([r.test_predictions for r in a], y), correctness([r.test_predictions for r in b], y))
+    return (f"{100 * c.difference:+.1f} points [{100 * c.low:+.1f}, {100 * c.high:+.1f}], McNemar p = "
+            f"{c.p_mcnemar:.2g}: {c.verdict}")
