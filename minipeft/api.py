@@ -20,7 +20,10 @@ from .core import (METHODS, AdapterConfig, AdapterModule, Recipe, adapter_config
                    adapter_names, add_output_delta, config_from_dict, match_modules, register_method,
                    remove_output_delta)  # the protocol, re-exported: ``from minipeft.api import AdapterModule``
 
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter.safetensors"
+# minipeft's own format; peft's files (adapter_config.json, adapter_model.safetensors) are written by
+# ``minipeft.interop.export_peft``. Directories written before the rename used the legacy names below.
+CONFIG_FILE, WEIGHTS_FILE = "minipeft_adapter.json", "minipeft_adapter.safetensors"
+LEGACY_CONFIG_FILE, LEGACY_WEIGHTS_FILE = "adapter_config.json", "adapter.safetensors"
 
 
 def _home(model: nn.Module) -> nn.Module:
@@ -239,8 +242,8 @@ def adapter_config(model: nn.Module, name: str) -> AdapterConfig:
 
 
 def save_adapter(model: nn.Module, name: str, directory: str | Path) -> Path:
-    """Write ``adapter.safetensors`` (this adapter's tensors) and ``adapter_config.json`` (method,
-    hyperparameters, backbone identity and hidden size). Never pickle."""
+    """Write ``minipeft_adapter.safetensors`` (this adapter's tensors) and ``minipeft_adapter.json`` (method,
+    hyperparameters, backbone identity and hidden size). Never pickle. (peft's format: ``interop.export_peft``.)"""
     from safetensors.torch import save_file
 
     config, state = adapter_config(model, name), adapter_state_dict(model, name)
@@ -252,14 +255,25 @@ def save_adapter(model: nn.Module, name: str, directory: str | Path) -> Path:
     return directory
 
 
+def saved_files(directory: Path) -> tuple[Path, Path]:
+    """(config, weights) of a minipeft adapter directory: today's names, else the legacy ones (a directory saved
+    before the rename: ``adapter_config.json`` holding minipeft's schema + ``adapter.safetensors``)."""
+    for config_name, weights_name in ((CONFIG_FILE, WEIGHTS_FILE), (LEGACY_CONFIG_FILE, LEGACY_WEIGHTS_FILE)):
+        config_file, weights_file = directory / config_name, directory / weights_name
+        if config_file.is_file() and weights_file.is_file():
+            return config_file, weights_file
+    hint = ""
+    if (directory / "adapter_model.safetensors").is_file():
+        hint = " (it holds a peft adapter: load it with minipeft.interop.import_peft)"
+    raise FileNotFoundError(f"{directory} is not a saved adapter: expected {CONFIG_FILE} and {WEIGHTS_FILE}{hint}")
+
+
 def read_saved_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The config record and the tensors of a saved adapter, or an error naming the file and what is wrong."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    if not config_file.is_file() or not weights_file.is_file():
-        raise FileNotFoundError(f"{directory} is not a saved adapter: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
+    config_file, weights_file = saved_files(directory)
     try:
         meta = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -297,7 +311,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         problems += [f"{k}: file has shape {tuple(state[k].shape)}, this model needs {tuple(expected[k].shape)}"
                      for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
         if problems:
-            raise ValueError(f"tensors in {Path(directory) / WEIGHTS_FILE} do not fit a {meta['method']} adapter "
+            raise ValueError(f"tensors in {saved_files(Path(directory))[1]} do not fit a {meta['method']} adapter "
                              f"on this model ({len(problems)} problems): " + "; ".join(problems[:5]))
         with torch.no_grad():
             for key, tensor in state.items():

@@ -178,17 +178,35 @@ def match_modules(model: nn.Module, targets, kind=nn.Module) -> dict[str, nn.Mod
     return dict(sorted(hits.items(), key=lambda item: list(candidates).index(item[0])))
 
 
+def module_widths(module: nn.Module, hidden_size: int | None = None) -> tuple[int, int]:
+    """(input width, output width) of a target: a Linear's in/out features, else the first Linear's input and
+    the last Linear's output inside it (an MLP block), else ``hidden_size`` for both."""
+    if hidden_size is not None:
+        return hidden_size, hidden_size
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"cannot infer the input/output width of {type(module).__name__}; pass hidden_size")
+    return linears[0].in_features, linears[-1].out_features
+
+
 # ---- a site on any module's output (for models minipeft did not write) --------------------------------------
 
-def _output_delta_hook(module: nn.Module, inputs: tuple, output):
+def _output_delta_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     """h = module(x); h ← h + Δh for each active attached module (the site protocol, with no closing rule).
+    x is the module's first input, positional or by keyword (``transformers`` calls Llama's ``self_attn`` with
+    ``hidden_states=...``); when the module returns a tuple (``transformers`` attention blocks return
+    ``(h, attention weights)``), h is its first element and the rest passes through unchanged.
     A module may return None: nothing to add (a merged LoRA, whose ΔW is already in the weight)."""
+    x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+    h = output[0] if isinstance(output, tuple) else output
     for delta in module.output_deltas.values():
         if delta.active:
-            dh = delta(inputs[0], output, None)
+            dh = delta(x, h, None)
             if dh is not None:
-                output = output + dh
-    return output
+                h = h + dh
+    return (h, *output[1:]) if isinstance(output, tuple) else h
 
 
 def add_output_delta(target: nn.Module, name: str, delta: AdapterModule) -> None:
@@ -198,7 +216,7 @@ def add_output_delta(target: nn.Module, name: str, delta: AdapterModule) -> None
                         "of its layers); target its last layer instead")
     if not hasattr(target, "output_deltas"):
         target.output_deltas = nn.ModuleDict()
-        target.register_forward_hook(_output_delta_hook)
+        target.register_forward_hook(_output_delta_hook, with_kwargs=True)
     target.output_deltas[name] = delta
 
 
@@ -210,3 +228,5 @@ def remove_output_delta(target: nn.Module, name: str) -> None:
         for key, hook in list(target._forward_hooks.items()):
             if hook is _output_delta_hook:
                 del target._forward_hooks[key]
+                target._forward_hooks_with_kwargs.pop(key, None)
+                target._forward_hooks_always_called.pop(key, None)

@@ -113,7 +113,7 @@ def test_save_load_reproduces_bit_for_bit(model, minilm, batch, tmp_path):
     add_adapter(model, BottleneckConfig(placement="pfeiffer", bottleneck=12, activation="gelu", init_std=0.1), "task")
     expected = run(model, batch)
     save_adapter(model, "task", tmp_path)
-    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta = json.loads((tmp_path / "minipeft_adapter.json").read_text())
     assert meta["method"] == "bottleneck" and meta["backbone"]["hidden_size"] == 384
     fresh = copy.deepcopy(minilm)
     config = load_adapter(fresh, tmp_path)
@@ -187,7 +187,7 @@ def test_load_into_other_hidden_size_fails_cleanly(model, bert_base_sized, tmp_p
 def test_load_unknown_method_or_misfit_tensors_fails_cleanly(model, minilm, tmp_path):
     add_adapter(model, BottleneckConfig(bottleneck=4), "a")
     save_adapter(model, "a", tmp_path)
-    meta_file = tmp_path / "adapter_config.json"
+    meta_file = tmp_path / "minipeft_adapter.json"
     meta = json.loads(meta_file.read_text())
     fresh = copy.deepcopy(minilm)
     meta_file.write_text(json.dumps({**meta, "method": "unknown_method"}))

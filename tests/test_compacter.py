@@ -190,10 +190,10 @@ def test_save_load_reproduces_bit_for_bit(model, minilm, batch, tmp_path, method
                 p.add_(0.01 * torch.randn_like(p))
     expected = run(model, batch)
     save_adapter(model, "task", tmp_path)
-    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta = json.loads((tmp_path / "minipeft_adapter.json").read_text())
     assert meta["method"] == method and meta["config"]["n"] == 2
     from safetensors.torch import load_file
-    saved = load_file(str(tmp_path / "adapter.safetensors"))
+    saved = load_file(str(tmp_path / "minipeft_adapter.safetensors"))
     assert sum(k.endswith(".A") for k in saved) == (1 if method != "phm_adapter" else len(phm_layers(model, "task")))
     assert sum(t.numel() for t in saved.values()) == parameter_summary(model, "task").adapter
     fresh = copy.deepcopy(minilm)

@@ -149,7 +149,7 @@ def test_save_load_reproduces_bit_for_bit(model, minilm, batch, tmp_path, config
             model.layers[1].ffn.deltas["task"].scale.fill_(2.5)
     expected = run(model, batch)
     save_adapter(model, "task", tmp_path)
-    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta = json.loads((tmp_path / "minipeft_adapter.json").read_text())
     assert meta["method"] == config.method and meta["config"]["scale"] == config.scale
     fresh = copy.deepcopy(minilm)
     loaded = load_adapter(fresh, tmp_path)

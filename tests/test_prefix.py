@@ -183,7 +183,7 @@ def test_save_load_bit_for_bit(model, minilm, batch, tmp_path, eject):
         eject_prefix(model, "task")
     expected = run(model, batch["input_ids"], batch["attention_mask"])
     save_adapter(model, "task", tmp_path)
-    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta = json.loads((tmp_path / "minipeft_adapter.json").read_text())
     assert meta["method"] == "prefix" and meta["config"]["ejected"] is eject
     fresh = copy.deepcopy(minilm)
     config = load_adapter(fresh, tmp_path)

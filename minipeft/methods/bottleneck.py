@@ -21,7 +21,7 @@ from torch import nn
 
 from ..backbones.contract import ACTIVATIONS
 from ..core import (AdapterConfig, AdapterModule, Knob, Recipe, add_output_delta, find_backbone, match_modules,
-                    register_method, register_recipe)
+                    module_widths, register_method, register_recipe)
 
 PLACEMENTS = ("houlsby", "pfeiffer", "ffn", "modules")
 INITS = ("near_identity", "identity")
@@ -73,9 +73,11 @@ class BottleneckConfig(AdapterConfig):
     def attach(self, model: nn.Module, name: str) -> None:
         if self.placement == "modules":
             for module in match_modules(model, self.targets).values():
-                d = self.hidden_size or getattr(module, "out_features", None)
-                if d is None:
-                    raise ValueError(f"cannot infer the output width of {type(module).__name__}; pass hidden_size")
+                try:  # a Linear's out_features, a block's (Llama's mlp) last Linear's
+                    d = module_widths(module, self.hidden_size)[1]
+                except ValueError:
+                    raise ValueError(f"cannot infer the output width of {type(module).__name__}; pass hidden_size") \
+                        from None
                 add_output_delta(module, name, Bottleneck(name, d, self.size(d), self, reads="h"))
             return
         backbone = find_backbone(model)

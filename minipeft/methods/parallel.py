@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.contract import ACTIVATIONS
-from ..core import (AdapterConfig, AdapterModule, Knob, Recipe, add_output_delta, find_backbone, match_modules,
-                    register_method, register_recipe)
+from ..core import (AdapterConfig, AdapterModule, Knob, Recipe, add_output_delta, find_backbone, match_modules,  # noqa: F401
+                    module_widths, register_method, register_recipe)
 
 PLACEMENTS = ("ffn", "attn", "both", "modules")
 
@@ -92,19 +92,6 @@ class ScaledParallelAdapterConfig(ParallelAdapterConfig):
 
     method = "scaled_parallel"
     scale: float | str = 4.0
-
-
-def module_widths(module: nn.Module, hidden_size: int | None = None) -> tuple[int, int]:
-    """(input width, output width) of a target: a Linear's in/out features, else the first Linear's input and
-    the last Linear's output inside it (an MLP block), else ``hidden_size`` for both."""
-    if hidden_size is not None:
-        return hidden_size, hidden_size
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"cannot infer the input/output width of {type(module).__name__}; pass hidden_size")
-    return linears[0].in_features, linears[-1].out_features
 
 
 class ParallelAdapter(AdapterModule):

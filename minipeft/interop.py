@@ -1,0 +1,296 @@
+"""peft interop, and minipeft on models it did not write.
+
+**LoRA in peft's format.** peft stores a LoRA adapter as two files (peft ``save_pretrained``):
+
+    adapter_config.json         {"peft_type": "LORA", "r", "lora_alpha", "target_modules", "use_rslora", ...}
+    adapter_model.safetensors   base_model.model.<transformers module path>.lora_A.weight   (r, d_in)
+                                base_model.model.<transformers module path>.lora_B.weight   (d_out, r)
+
+and computes h = W0 x + s · B A x with s = lora_alpha / r (Hu et al. 2021, §4.1, Eq. 3), or s = lora_alpha / √r
+with ``use_rslora`` (Kalajdzievski 2023, Eq. 6). minipeft's ``LoRALinear`` computes the same Δh = s · B (A x)
+with A (r, d_in) and B (d_out, r) and the same s (``LoRAConfig.scale``), so a conversion only renames: module
+paths through the backbone's two-way name map (``Backbone.hf_name`` / ``our_name``: ``layers.0.attn.q`` ↔
+``encoder.layer.0.attention.self.query`` on BERT, ``model.layers.0.self_attn.q_proj`` on Llama), tensors as
+they are. minipeft's own files (``save_adapter``) are named ``minipeft_adapter.*``, so both fit in one directory.
+
+    export_peft(model, name, directory)     minipeft LoRA -> peft files (PeftModel.from_pretrained reads them)
+    import_peft(model, directory, name)     peft LoRA files -> a minipeft LoRA adapter on ``model``
+
+Other methods have no peft equivalent here (peft has no bottleneck, Compacter or parallel adapter; its prefix
+tuning keeps virtual tokens in ``past_key_values``, not in minipeft's per-layer form): exporting one is an error.
+
+**A ``transformers`` model.** LoRA, a bottleneck adapter (``placement="modules"``) and a parallel adapter
+(``placement="modules"``) attach by module name to any ``nn.Module`` (``core.add_output_delta``), a
+``transformers`` BertModel or LlamaForCausalLM included; ``TransformersBackbone`` makes such a model the
+``encoder`` of ``train.SequenceClassifier`` so ``minipeft.train.train`` trains it (README: "Use minipeft on a
+transformers model").
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .api import _home, add_adapter, adapter_config, adapter_names, delete_adapter
+from .backbones.contract import Backbone
+from .core import AdapterModule, adapter_modules, match_modules
+from .methods.lora import LoRAConfig, LoRALinear
+
+PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # peft's PeftModel wraps the transformers model as base_model.model
+TASK_TYPES = {"bert": "FEATURE_EXTRACTION", "llama": "CAUSAL_LM"}  # which PeftModel subclass from_pretrained builds
+# peft LoraConfig fields whose non-default values change what the adapter computes; minipeft's LoRA has none
+UNSUPPORTED = {"use_dora": False, "bias": "none", "lora_bias": False, "fan_in_fan_out": False,
+               "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None,
+               "use_qalora": False, "target_parameters": None, "trainable_token_indices": None,
+               "alora_invocation_tokens": None}
+# Linears a transformers model has and minipeft's backbones do not: a short target must not land on them
+HF_ONLY_LINEARS = ("pooler.dense", "lm_head")
+
+
+# ---- names: minipeft's paths <-> the transformers model's ---------------------------------------------------
+
+def _transformers_root(home: nn.Module) -> tuple[str, nn.Module]:
+    """(path, module) of the outermost ``transformers`` model inside ``home`` (``home`` itself if there is
+    none): peft's names are relative to it."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return "", home
+    for path, module in home.named_modules():
+        if isinstance(module, PreTrainedModel):
+            return path, module
+    return "", home
+
+
+def _namer(model: nn.Module):
+    """(home, to_hf, to_ours): where the adapter lives, and the path maps between it and the transformers model.
+    A minipeft backbone maps through its name table; a wrapped transformers model by its path inside ``home``."""
+    home = _home(model)
+    if isinstance(home, Backbone):
+        return home, home.hf_name, home.our_name
+    root, _ = _transformers_root(home)
+    lead = root + "." if root else ""
+    return home, (lambda ours: ours[len(lead):] if ours.startswith(lead) else ours), (lambda hf: lead + hf)
+
+
+def _matches(path: str, target: str) -> bool:
+    """peft's and minipeft's rule for a target name (peft ``check_target_module_exists``)."""
+    return path == target or path.endswith("." + target)
+
+
+def compact_targets(chosen: list[str], universe: list[str]) -> list[str]:
+    """The shortest dotted suffixes that select exactly ``chosen`` among ``universe`` (each path's shortest
+    suffix that selects nothing outside ``chosen``), e.g. ["query", "value"] for W_q, W_v of every layer."""
+    chosen_set, targets = set(chosen), []
+    for path in chosen:
+        parts = path.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if not suffix[0].isdigit() and all(u in chosen_set for u in universe if _matches(u, suffix)):
+                break
+        if suffix not in targets:
+            targets.append(suffix)
+    return targets
+
+
+def _linear_names(home: nn.Module) -> list[str]:
+    inside = tuple(p + "." for p in adapter_modules(home))
+    return [n for n, m in home.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, AdapterModule)
+            and not n.startswith(inside)]
+
+
+# ---- export -------------------------------------------------------------------------------------------------
+
+def export_peft(model: nn.Module, name: str, directory: str | Path, base_model_name_or_path: str | None = None,
+                task_type: str | None = "auto") -> Path:
+    """Write LoRA adapter ``name`` as peft's ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+    ``peft.PeftModel.from_pretrained(hf_model, directory)`` then gives the outputs of ``model`` (BertModel for
+    minipeft's Encoder, LlamaForCausalLM for its Decoder; the model itself for a wrapped transformers model).
+    Only LoRA has a peft equivalent; any other method raises ValueError."""
+    from safetensors.torch import save_file
+
+    config = adapter_config(model, name)
+    if not isinstance(config, LoRAConfig):
+        extra = (" (peft's PREFIX_TUNING keeps its virtual tokens in past_key_values, in another form)"
+                 if config.method == "prefix" else "")
+        raise ValueError(f"adapter {name!r} is a {config.method!r} adapter: peft has no equivalent of it{extra}. "
+                         f"export_peft writes LoRA adapters only (method 'lora', LoRAConfig); keep this one in "
+                         f"minipeft's format with save_adapter(model, {name!r}, directory)")
+    home, to_hf, _ = _namer(model)
+    layers = {p: m for p, m in adapter_modules(home, name).items() if isinstance(m, LoRALinear)}
+    outside = sorted(set(adapter_modules(model, name)) - set(adapter_modules(home, name)))
+    if outside or not layers:
+        raise ValueError(f"LoRA {name!r} has layers outside the backbone ({outside[:3]}); peft's files describe "
+                         "LoRA on the transformers model only")
+    merged = [p for p, m in layers.items() if m.merged]
+    if merged:
+        raise ValueError(f"LoRA {name!r} is merged into its weights (e.g. {merged[0]}): peft would add ΔW a second "
+                         f"time on the pretrained weights; call unmerge_adapter(model, {name!r}) first")
+    linears = {p.rsplit(".output_deltas.", 1)[0]: m for p, m in layers.items()}  # the LoRA'd Linear's path
+    hf_paths = {to_hf(p): m for p, m in linears.items()}
+    universe = [to_hf(n) for n in _linear_names(home)] + list(HF_ONLY_LINEARS)
+    state = {}
+    for path, m in hf_paths.items():
+        state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.A.detach().contiguous().cpu()  # (r, d_in)
+        state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.B.detach().contiguous().cpu()  # (d_out, r)
+    family = getattr(home, "family", None)
+    if task_type == "auto":
+        task_type = TASK_TYPES.get(family)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = _base_model_name(home)
+    peft_config = {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.rslora,
+        "target_modules": compact_targets(list(hf_paths), universe),
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True, "inference_mode": True,
+        **UNSUPPORTED, "layers_to_transform": None, "layers_pattern": None, "revision": None,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / PEFT_WEIGHTS_FILE), metadata={"format": "pt", "written_by": "minipeft"})
+    (directory / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
+    return directory
+
+
+def _base_model_name(home: nn.Module) -> str | None:
+    """The checkpoint the adapter was trained on: a transformers model's ``name_or_path``, a minipeft backbone's
+    checkpoint directory (its ``cfg.name`` is the config.json path or the directory's name)."""
+    if isinstance(home, Backbone):
+        name = str(home.cfg.name)
+        return str(Path(name).parent) if name.endswith("config.json") else name
+    _, root = _transformers_root(home)
+    return getattr(getattr(root, "config", None), "name_or_path", None) or None
+
+
+# ---- import -------------------------------------------------------------------------------------------------
+
+def read_peft_lora(directory: str | Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """peft's config and, per transformers module path, its (A, B); a clear error naming the file otherwise."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_file, weights_file = directory / PEFT_CONFIG_FILE, directory / PEFT_WEIGHTS_FILE
+    if not config_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved peft adapter: expected {PEFT_CONFIG_FILE} and "
+                                f"{PEFT_WEIGHTS_FILE} (a minipeft adapter is read by load_adapter)")
+    try:
+        cfg = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        kind = cfg.get("peft_type") if isinstance(cfg, dict) else None
+        raise ValueError(f"{config_file} holds a peft {kind!r} adapter; import_peft reads LoRA adapters only "
+                         "(peft_type 'LORA')")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in cfg:
+            raise ValueError(f"{config_file} lacks {key!r}; a peft LoRA config has r, lora_alpha, target_modules")
+    used = [f"{k}={cfg[k]!r}" for k, default in UNSUPPORTED.items() if cfg.get(k, default) not in (default, None, {}, [])]
+    if used:
+        raise ValueError(f"{config_file} uses {', '.join(used)}, which minipeft's LoRA does not have (it is plain "
+                         f"LoRA: one r and alpha for every layer, no DoRA, no bias, no extra trained modules)")
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as e:  # safetensors' own error types for a truncated / corrupt file
+        raise ValueError(f"{weights_file} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        found = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        if not found:
+            raise ValueError(f"{weights_file} holds {key!r}, which is not a LoRA A or B matrix of a Linear "
+                             f"({PEFT_PREFIX}<module>.lora_A.weight / .lora_B.weight); minipeft imports plain LoRA")
+        pairs.setdefault(found.group(1), {})[found.group(2)] = tensor
+    half = sorted(p for p, ab in pairs.items() if len(ab) != 2)
+    if half or not pairs:
+        raise ValueError(f"{weights_file}: {'no LoRA tensors' if not pairs else f'A or B missing for {half[:3]}'}")
+    return cfg, {p: (ab["A"], ab["B"]) for p, ab in pairs.items()}
+
+
+def import_peft(model: nn.Module, directory: str | Path, name: str | None = None) -> LoRAConfig:
+    """Attach the peft LoRA in ``directory`` to ``model`` as minipeft adapter ``name`` (default "default").
+
+    The adapter must have been made on this model's checkpoint (the same transformers module paths and Linear
+    shapes); otherwise, or for any peft feature plain LoRA lacks, a ValueError names the file and the model is
+    left exactly as it was."""
+    directory = Path(directory)
+    cfg, pairs = read_peft_lora(directory)
+    weights_file = directory / PEFT_WEIGHTS_FILE
+    name = name or "default"
+    if name in adapter_names(model):
+        raise ValueError(f"an adapter named {name!r} already exists in this model; existing: {adapter_names(model)}")
+    home, _, to_ours = _namer(model)
+    linears = dict(home.named_modules())
+    base = cfg.get("base_model_name_or_path")
+    found, problems = {}, []
+    for hf_path, (A, B) in pairs.items():
+        ours = _our_linear(hf_path, to_ours, linears)
+        if ours is None:
+            problems.append(f"no Linear {hf_path!r} in this model")
+            continue
+        linear = linears[ours]
+        want_a, want_b = (cfg["r"], linear.in_features), (linear.out_features, cfg["r"])
+        if tuple(A.shape) != want_a or tuple(B.shape) != want_b:
+            problems.append(f"{hf_path}: A {tuple(A.shape)}, B {tuple(B.shape)} where this model's Linear with "
+                            f"r={cfg['r']} needs A {want_a}, B {want_b}")
+        found[ours] = (A, B)
+    if problems:
+        raise ValueError(f"{weights_file} does not fit this model (made on {base!r}?; {len(problems)} problems): "
+                         + "; ".join(problems[:4]))
+    order = {path: i for i, path in enumerate(linears)}
+    found = dict(sorted(found.items(), key=lambda item: order[item[0]]))  # the model's order, not the file's
+    targets = compact_targets(list(found), _linear_names(home))
+    if set(match_modules(home, targets, nn.Linear)) != set(found):  # regex-like targets: use the exact paths
+        targets = sorted(found)
+    config = LoRAConfig(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0) or 0.0,
+                        targets=targets, rslora=bool(cfg.get("use_rslora", False)),
+                        init="gaussian" if cfg.get("init_lora_weights") == "gaussian" else "kaiming")
+    add_adapter(home, config, name)
+    try:
+        with torch.no_grad():
+            for ours, (A, B) in found.items():
+                lora = linears[ours].output_deltas[name]
+                lora.A.copy_(A)
+                lora.B.copy_(B)
+    except Exception:
+        delete_adapter(home, name)
+        raise
+    return config
+
+
+def _our_linear(hf_path: str, to_ours, modules: dict) -> str | None:
+    """Our path of the Linear peft calls ``hf_path`` (also under a task model's ``bert.`` / ``model.`` lead)."""
+    candidates = [hf_path]
+    head, _, rest = hf_path.partition(".")
+    if head in ("bert", "roberta") and rest:
+        candidates.append(rest)
+    for candidate in candidates:
+        ours = to_ours(candidate)
+        if isinstance(modules.get(ours), nn.Linear) and not isinstance(modules.get(ours), AdapterModule):
+            return ours
+    return None
+
+
+# ---- a transformers model as the encoder of train.SequenceClassifier -------------------------------------------
+
+class TransformersBackbone(nn.Module):
+    """Wrap a ``transformers`` model (BertModel, LlamaForCausalLM, ...) so ``SequenceClassifier`` and
+    ``minipeft.train.train`` use it: ``forward(input_ids, attention_mask, token_type_ids)`` returns its base
+    model's last hidden states (B, T, d) (a causal LM's head is skipped); ``hidden_size`` its width. The wrapped
+    model is ``.model``, so its module names (``query``, ``q_proj``, ``mlp``...) are what adapters target."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not hasattr(model, "config") or not hasattr(model.config, "hidden_size"):
+            raise TypeError(f"TransformersBackbone wraps a transformers model (with .config.hidden_size), "
+                            f"got {type(model).__name__}")
+        self.model = model
+        self.hidden_size = model.config.hidden_size
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        base = getattr(self.model, "base_model", self.model)  # LlamaModel inside LlamaForCausalLM; BertModel itself
+        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        return base(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state  # (B, T, d)
