@@ -2,11 +2,14 @@
 
     python -m minipeft compare [--tasks T ...] [--seeds S ...] [--fast] [--methods M ...] [--out DIR]
     python -m minipeft report [--results DIR]
+    python -m minipeft train --method M [--task T] [--seed S] [--fast] [--device cpu|cuda] [--bf16] [--out DIR]
+    torchrun --nproc_per_node 2 -m minipeft train --method M ...     (DistributedDataParallel, minipeft.distributed)
 """
 import sys
 
 COMMANDS = {"compare": "train the registered methods on one or more tasks, one folder each (minipeft.compare)",
-            "report": "the design document's table from results/ (minipeft.report)"}
+            "report": "the design document's table from results/ (minipeft.report)",
+            "train": "train one method on one task, on one or several processes (minipeft.distributed)"}
 
 
 def main(argv=None):
@@ -22,6 +25,10 @@ def main(argv=None):
         from .report import main as report_main
 
         return report_main(argv[1:])
+    if argv[0] == "train":
+        from .distributed import main as train_main
+
+        return train_main(argv[1:])
     from .compare import main as compare_main
 
     compare_main(argv[1:])

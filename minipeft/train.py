@@ -302,11 +302,12 @@ def predict(model: nn.Module, loader, device) -> tuple[list[int], list[int]]:
 
 def train(model: SequenceClassifier, task, lr: float, budget: Budget | None = None, seed: int = 0,
           method: str = "", config: dict | None = None, quiet: bool = False, tokenizer=None,
-          device=None) -> Result:
+          device=None, distributed=None) -> Result:
     """Train ``model``'s trainable parameters on ``task`` (a task name or a DatasetDict); return a Result.
 
     Seed first, build the model after ``seed_everything(seed)`` (the head's init is then seeded too);
-    ``minipeft.compare.build_model`` does both.
+    ``minipeft.compare.build_model`` does both. ``distributed`` (``minipeft.distributed.setup()``): this process's
+    part of a DistributedDataParallel run (its slice of each batch of ``budget.batch_size``) and/or bf16 autocast.
     """
     budget = budget or Budget.from_env()
     params = trainable_parameters(model, lr)
@@ -319,12 +320,17 @@ def train(model: SequenceClassifier, task, lr: float, budget: Budget | None = No
     task_name = task if isinstance(task, str) else getattr(dd, "name", "custom")
 
     model.to(device).train()
+    net = model  # what the loop calls: the model, or its DDP / autocast wrapper
+    if distributed is not None:
+        train_dl, net = distributed.prepare(train_dl, model, seed)
     opt, sched = make_optimizer(params, lr, budget, total_steps=budget.epochs * len(train_dl))
     start = time.perf_counter()
     with PeakMemory(device) as mem:
-        losses, step_times, val_acc = run_epochs(model, params, opt, sched, train_dl, evals["validation"], budget,
+        losses, step_times, val_acc = run_epochs(net, params, opt, sched, train_dl, evals["validation"], budget,
                                                  device, desc=f"{method or 'train'} on {task_name}", quiet=quiet)
-    test_predictions, test_labels = predict(model, evals["test"], device)
+    if distributed is not None:
+        losses = distributed.global_losses(losses)
+    test_predictions, test_labels = predict(net, evals["test"], device)
     test_acc = sum(p == y for p, y in zip(test_predictions, test_labels)) / max(1, len(test_labels))
 
     timed = step_times[budget.timing_warmup_steps:] or step_times
