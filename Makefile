@@ -3,7 +3,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup test compare results exercises
+.PHONY: setup test compare results exercises lab wheel
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml assets.txt
@@ -27,3 +27,15 @@ results: setup      # what results/ holds: 3 tasks x 3 seeds x every method, the
 
 exercises: setup
 	$(PY) -m minipeft.exercises build
+
+# JupyterLab on the course, offline (no news, update or extension-index requests; lab/overrides.json says never
+# ask), lesson 00 opened. On a remote machine: make lab LAB_ARGS='--no-browser --port 8888', then open the printed
+# URL through an SSH tunnel. docs/check_lab.py checks the same flags in headless Chromium.
+LAB_FLAGS := --LabApp.app_settings_dir=$(CURDIR)/lab --LabApp.news_url=None \
+	--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate --LabApp.extension_manager=readonly \
+	$(if $(filter 0,$(shell id -u)),--allow-root)
+lab: setup
+	$(PY) -m jupyter lab $(LAB_FLAGS) $(LAB_ARGS) notebooks/00_setup_and_baselines.ipynb
+
+wheel: setup        # dist/minipeft-<version>-py3-none-any.whl (+ the sdist); .ci/check_wheel.py checks its contents
+	$(PY) -m build --outdir dist
