@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml assets.txt
 test: setup
 	MINIPEFT_FAST=1 $(PY) -m pytest --nbval-lax tests notebooks solutions
 
-compare: setup      # every method, seed 0, on `question`, into runs/ (about N minutes on 2 idle cores)
+compare: setup      # every method, seed 0, on `topic`, into runs/ (minutes: see the README)
 	$(PY) -m minipeft compare
 
 results: setup      # what results/ holds: 3 tasks x 3 seeds x every method, then the costs and the table

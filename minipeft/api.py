@@ -133,8 +133,11 @@ def for_inference(model: nn.Module) -> nn.Module:
 
     if any(isinstance(m, LoRALinear) and m.active for m in adapter_modules(model).values()):
         merge_and_unload(model)
-    backbone = find_backbone(model)
-    for name in list(getattr(backbone, "prefixes", {})):
+    try:
+        prefixes = list(find_backbone(model).prefixes)
+    except TypeError:  # not a minipeft backbone (e.g. a transformers model): it holds no prefixes
+        prefixes = []
+    for name in prefixes:
         eject_prefix(model, name)
     return model.eval()
 

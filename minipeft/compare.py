@@ -1,6 +1,6 @@
 """The comparison harness: every registered method, one shared budget, each task -> one folder of results.
 
-    python -m minipeft compare [--tasks question] [--seeds 0] [--fast] [--methods full head] [--out runs]
+    python -m minipeft compare [--tasks topic] [--seeds 0] [--fast] [--methods full head] [--out runs]
 
 writes, per task, ``<out>/<task>/comparison.json`` (every Result, the test labels, the machine and its load
 average, versions, the command), ``comparison.md`` (the table of ``minipeft.report``: mean and 95% interval
@@ -25,7 +25,7 @@ from typing import Callable
 
 from .api import apply_recipe
 from .core import RECIPES, Recipe, get_recipe, register_recipe
-from .report import markdown_table, plot, summarise  # noqa: F401  (re-exported: lessons read them here)
+from .report import markdown_table, plot, render_task, summarise  # noqa: F401  (lessons read them here)
 from .train import Budget, Result, SequenceClassifier, seed_everything, train
 
 
@@ -34,8 +34,9 @@ MethodSpec, register, get_method = Recipe, register_recipe, get_recipe
 METHODS = RECIPES
 
 
-def in_lesson_order() -> list[str]:
-    return sorted(RECIPES, key=lambda name: RECIPES[name].lesson)
+def in_lesson_order(ablations: bool = False) -> list[str]:
+    """The compared methods in the order the course teaches them (lesson 06's ablations too if asked)."""
+    return [n for n in sorted(RECIPES, key=lambda name: RECIPES[name].lesson) if ablations or not RECIPES[n].ablation]
 
 
 def build_model(spec: MethodSpec | str, task: str = "sentiment", seed: int = 0, encoder=None) -> SequenceClassifier:
@@ -101,7 +102,7 @@ def test_labels(task: str, budget: Budget) -> list[int]:
 
 def write_results(results: list[Result], out_dir, command: str, planned: int | None = None,
                   started: dict | None = None) -> dict[str, Path]:
-    """Write comparison.json / .md / .png into ``out_dir``; return their paths.
+    """Write comparison.json into ``out_dir`` and its views (.md, .png, ``report.render_task``); return the paths.
 
     ``planned``: the number of runs the command was to make; when fewer finished, the files say so.
     ``started``: ``machine()`` when the command began (its load average is recorded next to the one now)."""
@@ -109,47 +110,31 @@ def write_results(results: list[Result], out_dir, command: str, planned: int | N
         raise ValueError("no results to write")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {k: out / f"comparison.{k}" for k in ("json", "md", "png")}
-    r0 = results[0]
-    partial = planned is not None and len(results) < planned
-    status = f"partial: {len(results)} of {planned} runs finished" if partial else "complete"
-    now = machine()
-    labels = test_labels(r0.task, Budget(**r0.budget))
+    r0, now = results[0], machine()
+    status = (f"partial: {len(results)} of {planned} runs finished" if planned is not None and len(results) < planned
+              else "complete")
     load = {"start": (started or now)["load_average"], "end": now["load_average"]}
-    paths["json"].write_text(json.dumps({"command": command, "status": status, "task": r0.task, "budget": r0.budget,
-                                         "versions": r0.versions, "machine": {**now, "load_average": load},
-                                         "test_labels": labels, "results": [r.to_dict() for r in results]},
-                                        indent=1) + "\n")
-    budget = ", ".join(f"{k}={v}" for k, v in r0.budget.items())
-    versions = ", ".join(f"{k} {v}" for k, v in r0.versions.items())
-    paths["md"].write_text(
-        f"# Comparison on `{r0.task}`\n\n" + (f"**Partial results: {len(results)} of {planned} runs finished.**\n\n"
-                                                if partial else "") + f"{markdown_table(results, labels)}\n"
-        f"Seeds: {sorted({r.seed for r in results})}; test accuracy on all {len(labels)} test examples, mean ± the "
-        "half-width of its 95% Student t interval over seeds. `vs full`: the paired difference from full "
-        "fine-tuning (same seeds, same examples), its 95% paired-bootstrap interval, the exact McNemar p and the "
-        "verdict (`minipeft.stats`). `% trained` / `% stored` = parameters / the frozen encoder's "
-        "(the head counts as trained). s/step: median of the run's steps (other work on the machine slows it: "
-        "see the load average below; `bench/costs.py` measures the ratios side by side). "
-        f"Peak memory: {r0.memory_measure}; the last column is the formula 4·(N + 3·N_trainable) bytes.\n\n"
-        f"Command: `{command}`\n\nBudget: {budget}\n\nDevice: {r0.device} ({now['cpu']}, {now['cores']} cores, "
-        f"{now['torch_threads']} torch threads); load average (1, 5, 15 min) at the start {load['start']}, "
-        f"at the end {load['end']}; versions: {versions}\n")
-    plot(results, paths["png"], labels)
-    return paths
+    record = {"command": command, "status": status, "task": r0.task, "budget": r0.budget, "versions": r0.versions,
+              "machine": {**now, "load_average": load}, "test_labels": test_labels(r0.task, Budget(**r0.budget)),
+              "results": [r.to_dict() for r in results]}
+    path = out / "comparison.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)  # atomic: a reader never sees half a file
+    return {"json": path, **render_task(path)}
 
 
 def load_results(path) -> list[Result]:
     return [Result.from_dict(d) for d in json.loads(Path(path).read_text())["results"]]
 
 
-QUICK_TASKS, FULL_TASKS, FULL_SEEDS = ["question"], ["question", "topic", "sentiment"], [0, 1, 2]
+QUICK_TASKS, FULL_TASKS, FULL_SEEDS = ["topic"], ["question", "topic", "sentiment"], [0, 1, 2]
 FULL_COMMAND = (f"python -m minipeft compare --tasks {' '.join(FULL_TASKS)} --seeds {' '.join(map(str, FULL_SEEDS))} "
                 "--out results --quiet")
 
 
 def main(argv=None) -> list[Result]:
-    """The default profile (every method, seed 0, ``question``, into runs/) is ``make compare``; the committed
+    """The default profile (every method, seed 0, ``topic``, into runs/) is ``make compare``; the committed
     results/ come from ``FULL_COMMAND`` (``make results``)."""
     from .tasks import TASKS
 
@@ -162,7 +147,8 @@ def main(argv=None) -> list[Result]:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--fast", action="store_true", help="the CI budget (Budget.fast()); also MINIPEFT_FAST=1")
     p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
-                   help=f"default: all registered ({' '.join(in_lesson_order())})")
+                   help=f"default: the compared methods ({' '.join(in_lesson_order())}); lesson 06's ablations: "
+                        f"{' '.join(sorted(set(in_lesson_order(True)) - set(in_lesson_order())))}")
     p.add_argument("--out", default="runs", help="output folder, one sub-folder per task (default runs/)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -171,7 +157,7 @@ def main(argv=None) -> list[Result]:
         p.error(f"unknown method(s) {unknown}; registered methods: {sorted(METHODS)}")
     budget = Budget.fast() if args.fast else Budget.from_env()
     command = "python -m minipeft compare" + ("" if not argv else " " + shlex.join(argv))
-    planned = len(args.methods or METHODS) * len(args.seeds)
+    planned = len(args.methods or in_lesson_order()) * len(args.seeds)
     started, everything = machine(), []
     for task in args.tasks:
         out = Path(args.out) / task

@@ -101,6 +101,7 @@ class Recipe:
     description: str = ""
     knob: Knob | None = None
     make: Callable[[object], AdapterConfig] | None = None
+    ablation: bool = False                        # a lesson's design-space variant, not one of the compared methods
 
     def __post_init__(self):
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
@@ -114,9 +115,9 @@ class Recipe:
 
     @classmethod
     def adapter(cls, name: str, lesson: str, lr: float, make: Callable[[object], AdapterConfig], knob: Knob,
-                description: str = "") -> "Recipe":
+                description: str = "", ablation: bool = False) -> "Recipe":
         """The usual recipe: an adapter config at a knob size; its default size's config is recorded."""
-        return cls(name, lesson, lr, None, make(knob.default).to_dict(), description, knob, make)
+        return cls(name, lesson, lr, None, make(knob.default).to_dict(), description, knob, make, ablation)
 
 
 RECIPES: dict[str, Recipe] = {}

@@ -48,6 +48,12 @@ def paired_against(runs: list[Result], reference: list[Result], labels) -> Compa
     return compare(a, b)
 
 
+def training_memory_mb(r: Result) -> float:
+    """The measured training memory, weights included: on CPU ``peak_memory_mb`` is the rise over the memory at
+    the start (the fp32 weights, 4 bytes each, were already loaded), so they are added back; on CUDA it is total."""
+    return r.peak_memory_mb + (4 * r.total_params / 2**20 if "rise" in r.memory_measure else 0.0)
+
+
 def summarise(results: list[Result], labels=None, reference: str = REFERENCE) -> list[dict]:
     """One row per method: sizes, test accuracy mean and 95% t half-width over seeds, % of ``reference``,
     the paired comparison with it (when ``labels`` are given), median s/step, peak and formula memory."""
@@ -65,7 +71,8 @@ def summarise(results: list[Result], labels=None, reference: str = REFERENCE) ->
             "val_acc": statistics.mean(r.val_acc[-1] for r in rs), "pct_of_full": 100 * mean / ref_mean,
             "vs_full": None if name == reference else paired_against(rs, groups.get(reference, []), labels),
             "sec_per_step": statistics.median(r.sec_per_step for r in rs),
-            "peak_memory_mb": max(r.peak_memory_mb for r in rs), "train_state_mb": rs[0].train_state_mb})
+            "peak_memory_mb": max(r.peak_memory_mb for r in rs), "train_state_mb": rs[0].train_state_mb,
+            "training_memory_mb": max(training_memory_mb(r) for r in rs)})
     return rows
 
 
@@ -83,12 +90,12 @@ def fmt_vs_full(c: Comparison | None) -> str:
 def markdown_table(results: list[Result], labels=None) -> str:
     """The per-task table (accuracy in points of the ``labels`` test split; paired columns need labels)."""
     head = ("| method | lesson | lr | trainable | % trained | % stored | test acc (95% CI) | % of full "
-            "| vs full: Δ points [95% CI], McNemar p | s/step | peak MiB | weights+grads+AdamW MiB |\n"
+            "| vs full: Δ points [95% CI], McNemar p | s/step | training MiB, measured | weights+grads+AdamW MiB |\n"
             "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|\n")
     return head + "".join(
         f"| {r['method']} | {r['lesson']} | {r['lr']:g} | {r['trainable']:,} | {r['trainable_pct']:.3g} "
         f"| {r['stored_pct']:.3g} | {fmt_acc(r)} | {r['pct_of_full']:.1f} | {fmt_vs_full(r['vs_full'])} "
-        f"| {r['sec_per_step']:.2f} | {r['peak_memory_mb']:.0f} | {r['train_state_mb']:.0f} |\n"
+        f"| {r['sec_per_step']:.2f} | {r['training_memory_mb']:.0f} | {r['train_state_mb']:.0f} |\n"
         for r in summarise(results, labels))
 
 
@@ -116,6 +123,35 @@ def plot(results: list[Result], path, labels=None) -> None:
     plt.close(fig)
 
 
+def render_task(path) -> dict[str, Path]:
+    """The views of one task's ``comparison.json``: ``comparison.md`` (table + how it was made) and
+    ``comparison.png`` next to it; returns their paths. The json is the record; these are remade from it."""
+    path = Path(path)
+    record = load_record(path)
+    results, labels, m = record["results"], record["test_labels"], record["machine"]
+    paths = {"md": path.with_suffix(".md"), "png": path.with_suffix(".png")}
+    r0 = results[0]
+    partial = "" if record["status"] == "complete" else f"**{record['status'].capitalize()}.**\n\n"
+    if record.get("note"):
+        partial += f"Note: {record['note']}\n\n"
+    budget = ", ".join(f"{k}={v}" for k, v in r0.budget.items())
+    versions = ", ".join(f"{k} {v}" for k, v in r0.versions.items())
+    paths["md"].write_text(
+        f"# Comparison on `{r0.task}`\n\n{partial}{markdown_table(results, labels)}\n"
+        f"Seeds: {sorted({r.seed for r in results})}; test accuracy on all {len(labels)} test examples, mean ± the "
+        "half-width of its 95% Student t interval over seeds. `vs full`: the paired difference from full "
+        "fine-tuning (same seeds, same examples), its 95% paired-bootstrap interval, the exact McNemar p and the "
+        "verdict (`minipeft.stats`). `% trained` / `% stored` = parameters / the frozen encoder's (the head counts "
+        "as trained). s/step: median of the run's steps (other work on the machine slows it: see the load average "
+        "below; `bench/costs.py` measures the ratios side by side). Training MiB: the measured peak "
+        f"({r0.memory_measure}), the fp32 weights included; the last column is the formula 4·(N + 3·N_trainable) "
+        f"bytes.\n\nCommand: `{record['command']}`\n\nBudget: {budget}\n\nDevice: {r0.device} ({m['cpu']}, "
+        f"{m['cores']} cores, {m['torch_threads']} torch threads); load average (1, 5, 15 min) at the start "
+        f"{m['load_average']['start']}, at the end {m['load_average']['end']}; versions: {versions}\n")
+    plot(results, paths["png"], labels)
+    return paths
+
+
 # ---- the design document's table, measured ------------------------------------------------------------------
 
 def load_all(results_dir="results") -> tuple[dict[str, dict], dict | None]:
@@ -127,8 +163,8 @@ def load_all(results_dir="results") -> tuple[dict[str, dict], dict | None]:
 
 
 def design_rows(records: dict[str, dict], costs: dict | None = None) -> list[dict]:
-    """One row per method (in lesson order): sizes, costs (side by side, ``bench/costs.py``), peak training memory
-    and its formula (first task's runs), and per task the ``summarise`` row (accuracy, interval, verdict)."""
+    """One row per method (in lesson order): sizes, costs (side by side, ``bench/costs.py``), measured training
+    memory and its formula (first task's runs), and per task the ``summarise`` row (accuracy, interval, verdict)."""
     per_task = {t: {r["method"]: r for r in summarise(rec["results"], rec.get("test_labels"))}
                 for t, rec in records.items()}
     methods = sorted({m for rows in per_task.values() for m in rows},
@@ -139,7 +175,7 @@ def design_rows(records: dict[str, dict], costs: dict | None = None) -> list[dic
         first = next(rows[m] for rows in per_task.values() if m in rows)
         cost = (costs or {}).get("methods", {}).get(m, {})
         out.append({"method": m, "trainable_pct": first["trainable_pct"], "stored_pct": first["stored_pct"],
-                    "peak_memory_mb": first["peak_memory_mb"], "train_state_mb": first["train_state_mb"],
+                    "training_memory_mb": first["training_memory_mb"], "train_state_mb": first["train_state_mb"],
                     "step_vs_full": cost.get("step_vs_full", math.nan), "merges": cost.get("merges"),
                     "batch1_vs_base": cost.get("batch 1 vs base", math.nan),
                     "batch32_vs_base": cost.get("batch 32 vs base", math.nan),
@@ -149,7 +185,7 @@ def design_rows(records: dict[str, dict], costs: dict | None = None) -> list[dic
 
 def design_markdown(records: dict[str, dict], costs: dict | None = None) -> str:
     tasks = list(records)
-    head = ("| method | % trained | % stored | train step vs full | peak MiB (formula) | merges | inference b1 / b32 "
+    head = ("| method | % trained | % stored | train step vs full | training MiB (formula) | merges | inference b1 / b32 "
             "vs base | " + " | ".join(f"{t}: acc ± 95% CI (% of full), vs full" for t in tasks) + " |\n"
             "|---|---:|---:|---:|---:|---|---:|" + "---|" * len(tasks) + "\n")
 
@@ -163,7 +199,7 @@ def design_markdown(records: dict[str, dict], costs: dict | None = None) -> str:
     merges = {True: "yes", False: "no", None: "?"}
     return head + "".join(
         f"| {r['method']} | {r['trainable_pct']:.3g} | {r['stored_pct']:.3g} | {r['step_vs_full']:.2f} "
-        f"| {r['peak_memory_mb']:.0f} ({r['train_state_mb']:.0f}) | {merges[r['merges']]} "
+        f"| {r['training_memory_mb']:.0f} ({r['train_state_mb']:.0f}) | {merges[r['merges']]} "
         f"| {r['batch1_vs_base']:.2f} / {r['batch32_vs_base']:.2f} | "
         + " | ".join(task_cell(r["tasks"][t]) for t in tasks) + " |\n" for r in design_rows(records, costs))
 
@@ -177,6 +213,8 @@ def main(argv=None) -> str:
     p.add_argument("--results", default="results", help="folder with <task>/comparison.json and costs.json")
     args = p.parse_args(argv)
     records, costs = load_all(args.results)
+    for task in records:
+        render_task(Path(args.results, task, "comparison.json"))
     if not records:
         p.error(f"no {args.results}/<task>/comparison.json found; make them with `make results` "
                 "(python -m minipeft compare)")

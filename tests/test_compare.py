@@ -42,6 +42,9 @@ def test_cli_writes_the_three_files_per_task(tmp_path, capsys):
     assert "| head | 00 | 0.003 | 2,310 |" in md and "±" in md and "Command: `python -m minipeft compare" in md
     assert "p=" in md.split("| head |")[1] and "| 100.0 | — |" in md  # head paired against full; full is the reference
     assert (tmp_path / "topic" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    cli(["report", "--results", str(tmp_path)])  # both tasks in one table, no costs yet: it says how to make them
+    table = (tmp_path / "table.md").read_text()
+    assert "question: acc" in table and "topic: acc" in table and "costs.py --out" in table
     with pytest.raises(SystemExit):
         compare.main(["--methods", "nope", "--out", str(tmp_path)])
     assert "unknown method(s) ['nope']; registered methods:" in capsys.readouterr().err
