@@ -128,7 +128,7 @@ def load_results(path) -> list[Result]:
     return [Result.from_dict(d) for d in json.loads(Path(path).read_text())["results"]]
 
 
-QUICK_TASKS, FULL_TASKS, FULL_SEEDS = ["topic"], ["question", "topic", "sentiment"], [0, 1, 2]
+QUICK_TASKS, FULL_TASKS, FULL_SEEDS = ["topic"], ["question", "topic"], [0, 1, 2]
 FULL_COMMAND = (f"python -m minipeft compare --tasks {' '.join(FULL_TASKS)} --seeds {' '.join(map(str, FULL_SEEDS))} "
                 "--out results --quiet")
 

@@ -43,7 +43,7 @@ def test_max_train_subsamples_a_prefix():
 
 
 def test_unknown_task_lists_available():
-    with pytest.raises(ValueError, match=r"unknown task 'imdb'; available tasks: \['sentiment'"):
+    with pytest.raises(ValueError, match=r"unknown task 'imdb'; available tasks: \['question', 'sentiment'"):
         load_task("imdb")
     with pytest.raises(ValueError, match="max_train must be a positive"):
         load_task("topic", max_train=0)
@@ -81,3 +81,14 @@ def test_environment_yml_matches_pyproject():
 def test_asset_list_matches_code():
     listed = {l.strip() for l in (ROOT / "assets.txt").read_text().splitlines() if l.strip() and l[0] != "#"}
     assert listed == {dist for dist, _, _ in assets.ASSETS.values()}
+
+
+def test_question_task_reads_trec_coarse_labels():
+    """TREC's training questions, coarse label = the part of "NUM:dist" before ':' (Li & Roth 2002)."""
+    dd = load_task("question")
+    assert [len(dd[s]) for s in ("train", "validation", "test")] == [3881, 500, 1000]
+    assert dd.label_names == ["abbreviation", "description", "entity", "human", "location", "number"]
+    train = dict(zip(dd["train"]["text"], dd["train"]["label"]))
+    assert train["Who killed Gandhi ?"] == 3 and train["What does CPR stand for ?"] == 0
+    texts = [t for s in dd.values() for t in s["text"]]
+    assert len(texts) == len(set(texts)) and set(dd["test"]["label"]) == set(range(6))
