@@ -196,10 +196,13 @@ def design_markdown(records: dict[str, dict], costs: dict | None = None) -> str:
                    "no paired runs" if row["vs_full"] is None else row["vs_full"].verdict)
         return f"{fmt_acc(row)} ({row['pct_of_full']:.1f}%), {verdict}"
 
-    merges = {True: "yes", False: "no", None: "?"}
+    def merges(r):  # the baselines have no adapter to merge
+        spec = RECIPES.get(r["method"])
+        return "—" if spec is not None and spec.make is None else {True: "yes", False: "no", None: "?"}[r["merges"]]
+
     return head + "".join(
         f"| {r['method']} | {r['trainable_pct']:.3g} | {r['stored_pct']:.3g} | {r['step_vs_full']:.2f} "
-        f"| {r['training_memory_mb']:.0f} ({r['train_state_mb']:.0f}) | {merges[r['merges']]} "
+        f"| {r['training_memory_mb']:.0f} ({r['train_state_mb']:.0f}) | {merges(r)} "
         f"| {r['batch1_vs_base']:.2f} / {r['batch32_vs_base']:.2f} | "
         + " | ".join(task_cell(r["tasks"][t]) for t in tasks) + " |\n" for r in design_rows(records, costs))
 
