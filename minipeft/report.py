@@ -128,7 +128,7 @@ def render_task(path) -> dict[str, Path]:
     ``comparison.png`` next to it; returns their paths. The json is the record; these are remade from it."""
     path = Path(path)
     record = load_record(path)
-    results, labels, m = record["results"], record["test_labels"], record["machine"]
+    results, labels, m = record["results"], record_labels(record), record.get("machine")
     paths = {"md": path.with_suffix(".md"), "png": path.with_suffix(".png")}
     r0 = results[0]
     partial = "" if record["status"] == "complete" else f"**{record['status'].capitalize()}.**\n\n"
@@ -145,19 +145,31 @@ def render_task(path) -> dict[str, Path]:
         "as trained). s/step: median of the run's steps (other work on the machine slows it: see the load average "
         "below; `bench/costs.py` measures the ratios side by side). Training MiB: the measured peak "
         f"({r0.memory_measure}), the fp32 weights included; the last column is the formula 4·(N + 3·N_trainable) "
-        f"bytes.\n\nCommand: `{record['command']}`\n\nBudget: {budget}\n\nDevice: {r0.device} ({m['cpu']}, "
-        f"{m['cores']} cores, {m['torch_threads']} torch threads); load average (1, 5, 15 min) at the start "
-        f"{m['load_average']['start']}, at the end {m['load_average']['end']}; versions: {versions}\n")
+        f"bytes.\n\nCommand: `{record['command']}`\n\nBudget: {budget}\n\nDevice: {r0.device}"
+        + (f" ({m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads); load average (1, 5, 15 min) at "
+           f"the start {m['load_average']['start']}, at the end {m['load_average']['end']}" if m else "")
+        + f"; versions: {versions}\n")
     plot(results, paths["png"], labels)
     return paths
 
 
 # ---- the design document's table, measured ------------------------------------------------------------------
 
+def record_labels(record: dict) -> list[int]:
+    """The test labels the record's runs were scored on (older records lack them: read from the task)."""
+    if "test_labels" in record:
+        return record["test_labels"]
+    from .tasks import load_task
+
+    budget = record["budget"]
+    return list(load_task(record["task"], max_test=budget.get("max_test", budget["max_eval"]))["test"]["label"])
+
+
 def load_all(results_dir="results") -> tuple[dict[str, dict], dict | None]:
     """({task: record} for every ``<results_dir>/<task>/comparison.json``, the costs record or None)."""
     root = Path(results_dir)
     records = {p.parent.name: load_record(p) for p in sorted(root.glob("*/comparison.json"))}
+    records = {task: rec for task, rec in records.items() if rec["task"] == task}  # results/<task>/ only
     costs = root / "costs.json"
     return records, (json.loads(costs.read_text()) if costs.exists() else None)
 
@@ -165,7 +177,7 @@ def load_all(results_dir="results") -> tuple[dict[str, dict], dict | None]:
 def design_rows(records: dict[str, dict], costs: dict | None = None) -> list[dict]:
     """One row per method (in lesson order): sizes, costs (side by side, ``bench/costs.py``), measured training
     memory and its formula (first task's runs), and per task the ``summarise`` row (accuracy, interval, verdict)."""
-    per_task = {t: {r["method"]: r for r in summarise(rec["results"], rec.get("test_labels"))}
+    per_task = {t: {r["method"]: r for r in summarise(rec["results"], record_labels(rec))}
                 for t, rec in records.items()}
     methods = sorted({m for rows in per_task.values() for m in rows},
                      key=lambda m: (RECIPES[m].lesson if m in RECIPES else "99", list(RECIPES).index(m)
@@ -216,8 +228,8 @@ def main(argv=None) -> str:
     p.add_argument("--results", default="results", help="folder with <task>/comparison.json and costs.json")
     args = p.parse_args(argv)
     records, costs = load_all(args.results)
-    for task in records:
-        render_task(Path(args.results, task, "comparison.json"))
+    for path in Path(args.results).glob("*/comparison.json"):
+        render_task(path)
     if not records:
         p.error(f"no {args.results}/<task>/comparison.json found; make them with `make results` "
                 "(python -m minipeft compare)")
