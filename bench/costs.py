@@ -72,8 +72,8 @@ def check(old: dict, new: dict) -> None:
         o = old["methods"].get(m)
         if o is None:
             continue
-        rel = abs(r["step_vs_full"] / o["step_vs_full"] - 1)
-        worst = max(worst, rel)
+        rel = r["step_vs_full"] / o["step_vs_full"] - 1
+        worst = max(worst, abs(rel))
         print(f"{m:16s} step vs full: committed {o['step_vs_full']:.3f}, rerun {r['step_vs_full']:.3f} ({rel:+.1%})")
     print(f"largest relative difference of the s/step ratios: {worst:.1%} (target <= 10%); load average "
           f"committed {old['machine']['load_average']}, rerun {new['machine']['load_average']}")
