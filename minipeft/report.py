@@ -195,6 +195,20 @@ def design_rows(records: dict[str, dict], costs: dict | None = None) -> list[dic
     return out
 
 
+def summary_markdown(records: dict[str, dict], costs: dict | None = None) -> str:
+    """The short table (the README's): sizes, step vs full, and per task accuracy, % of full and verdict."""
+    tasks = list(records)
+    head = ("| method | trained % | stored % | step vs full | " + " | ".join(
+        f"{t}: acc ± 95% CI (% of full), vs full" for t in tasks) + " |\n|---|---:|---:|---:|" + "---|" * len(tasks) + "\n")
+
+    def cell(x):
+        return f"{fmt_acc(x)} ({x['pct_of_full']:.1f}%), {'—' if x['vs_full'] is None else x['vs_full'].verdict}"
+
+    return head + "".join(
+        f"| {r['method']} | {r['trainable_pct']:.3g} | {r['stored_pct']:.3g} | {r['step_vs_full']:.2f} | "
+        + " | ".join(cell(r["tasks"][t]) for t in tasks) + " |\n" for r in design_rows(records, costs))
+
+
 def design_markdown(records: dict[str, dict], costs: dict | None = None) -> str:
     tasks = list(records)
     head = ("| method | % trained | % stored | train step vs full | training MiB (formula) | merges | inference b1 / b32 "
@@ -236,7 +250,8 @@ def main(argv=None) -> str:
     text = design_markdown(records, costs)
     note = ("" if costs else "\nNo costs.json: run `cd bench && ../.venv/bin/python costs.py --out ../results/costs.json`.\n")
     Path(args.results, "table.md").write_text(
-        "# The design document's table, measured\n\n" + text + note + "\nMade by `python -m minipeft report` from "
+        "# The design document's table, measured\n\n## In short (the README's)\n\n" + summary_markdown(records, costs)
+        + "\n## In full\n\n" + text + note + "\nMade by `python -m minipeft report` from "
         + ", ".join(f"`{t}/comparison.json`" for t in records) + (" and `costs.json`" if costs else "") + ".\n")
     print(text + note)
     return text
