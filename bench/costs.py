@@ -91,10 +91,11 @@ def main(argv=None):
         methods = ["full"] + methods
     started = machine()
     rows = measure(methods, args.seq, args.repeats)
+    ended = machine()
     record = {"command": "cd bench && ../.venv/bin/python costs.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "shape": {"batch": 32, "tokens": args.seq, "inference batches": list(SHAPES.values())},
-              "repeats": args.repeats, "machine": {**machine(), "load_average": {
-                  "start": started["load_average"], "end": machine()["load_average"]}},
+              "repeats": args.repeats, "machine": {**ended, "load_average": {
+                  "start": started["load_average"], "end": ended["load_average"]}},
               "versions": {"torch": torch.__version__}, "methods": rows}
     print(markdown(record))
     print(f"load average (1, 5, 15 min): start {started['load_average']}, end {record['machine']['load_average']['end']}")
