@@ -12,6 +12,7 @@ from .backbones.encoder import Encoder, EncoderConfig  # noqa: F401
 from .interop import TransformersBackbone, export_peft, import_peft  # noqa: F401
 from .methods.bottleneck import BottleneckConfig  # noqa: F401
 from .methods.compacter import CompacterConfig, CompacterPPConfig, PHMAdapterConfig  # noqa: F401
+from .methods.fusion import FusionConfig, freeze_adapters, fusion_attention, fusion_regularization  # noqa: F401
 from .methods.lora import LoRAConfig, merge_adapter, merge_and_unload, unmerge_adapter  # noqa: F401
 from .methods.parallel import ParallelAdapterConfig, ScaledParallelAdapterConfig  # noqa: F401
 from .methods.prefix import PrefixConfig, eject_prefix  # noqa: F401

@@ -149,6 +149,12 @@ def adapter_modules(model: nn.Module, name: str | None = None) -> dict[str, Adap
     return found
 
 
+def regularizers(model: nn.Module) -> list[AdapterModule]:
+    """Adapter modules with a ``regularization()`` term for the training loss (AdapterFusion's λ‖I − V‖²_F);
+    ``minipeft.train`` adds the terms of the active ones to every step's loss."""
+    return [m for m in model.modules() if isinstance(m, AdapterModule) and callable(getattr(m, "regularization", None))]
+
+
 def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
     """Name -> config of every adapter attached to ``model`` or to a module inside it."""
     configs = {}

@@ -375,6 +375,9 @@ def run_epochs(model, params, opt, sched, train_dl, validation_dl, budget: Budge
     accuracy after each epoch."""
     from tqdm import tqdm
 
+    from .core import regularizers
+
+    extra = regularizers(model)  # method-specific loss terms (AdapterFusion's λ‖I − V‖²_F); none for most methods
     losses, step_times, val_acc = [], [], []
     total = budget.epochs * len(train_dl)
     bar = tqdm(total=total, disable=quiet, desc=desc, mininterval=2.0,
@@ -384,7 +387,8 @@ def run_epochs(model, params, opt, sched, train_dl, validation_dl, budget: Budge
             t0 = time.perf_counter()
             logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
             loss = F.cross_entropy(logits, batch["labels"].to(device))
-            loss.backward()
+            objective = loss + sum(m.regularization() for m in extra if m.active) if extra else loss
+            objective.backward()  # losses records the task loss alone
             torch.nn.utils.clip_grad_norm_(params, budget.grad_clip)
             opt.step()
             sched.step()
