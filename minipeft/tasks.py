@@ -58,8 +58,8 @@ TASKS = {
     "sms_spam": TaskInfo("sms_spam", ("ham", "spam"), "SMS message -> ham / spam"),
     "vader_tweets": TaskInfo("vader_tweets", ("negative", "positive"),
                              "tweet -> negative / positive (VADER human ratings, near-neutral dropped)"),
-    "vader_amazon": TaskInfo("vader_amazon", ("negative", "positive"),
-                             "Amazon review snippet -> negative / positive (VADER human ratings, near-neutral dropped)"),
+    "vader_amazon": TaskInfo("vader_amazon", ("negative", "positive"), "Amazon review snippet -> negative / "
+                             "positive (VADER human ratings, near-neutral dropped)"),
     "vader_nyt": TaskInfo("vader_nyt", ("negative", "positive"),
                           "NYT editorial snippet -> negative / positive (VADER human ratings, near-neutral dropped)"),
 }

@@ -15,7 +15,7 @@ def test_sizes_and_labels(name):
     dd = load_task(name)
     splits, counts = SIZES[name]
     assert tuple(len(dd[s]) for s in ("train", "validation", "test")) == splits
-    labels = [l for ds in dd.values() for l in ds["label"]]
+    labels = [y for ds in dd.values() for y in ds["label"]]
     assert (labels.count(0), labels.count(1)) == counts
     assert dd.label_names == list(TASKS[name].label_names)
     for split in dd.values():  # every split holds both classes in about the task's proportion (±8 points)

@@ -1,0 +1,76 @@
+"""AdapterFusion's training step (N frozen Pfeiffer sources + the fusion training) vs one Pfeiffer adapter training.
+
+    cd bench && ../.venv/bin/python fusion_speed.py  [--sources 4 --bottleneck 64 --batch 32 --seq 64 --threads 2
+                                                      --repeats 15]   (--quick: batch 8 x 32, 3 repeats)
+
+Both models are MiniLM + a 2-class head in train mode, on the same batch of real snippets, timed interleaved. Per
+token and layer, fusion runs all N source adapters (N · 2md multiply-adds instead of 2md) and Q, K, V (3d²; the
+scores and the weighting add N·d each), and AdamW updates L(3d² + 2d) = 2.66M parameters instead of
+L(2md + d + m) = 0.30M (m = 64). Prints the wall-clock and CPU-time ratio fusion / single adapter (no target).
+"""
+import copy
+import statistics
+import time
+
+import torch
+from common import bench_arguments, interleaved_medians, pin_threads, real_batch, training_step
+
+from minipeft import BottleneckConfig, Encoder, FusionConfig, add_adapter, freeze_adapters, train_adapter
+from minipeft.train import SequenceClassifier
+
+
+def main():
+    ap = bench_arguments(repeats=15)
+    ap.add_argument("--sources", type=int, default=4, help="N, the number of fused adapters")
+    ap.add_argument("--bottleneck", type=int, default=64, help="m of every Pfeiffer adapter")
+    ap.add_argument("--quick", action="store_true", help="batch 8 x 32 tokens, 3 repeats: a smoke run")
+    args = ap.parse_args()
+    if args.quick:
+        args.batch, args.seq, args.repeats = 8, 32, 3
+    pin_threads(args.threads)
+    batch = real_batch(args.batch, args.seq)
+    encoder = Encoder.from_pretrained()
+    pfeiffer = BottleneckConfig(placement="pfeiffer", bottleneck=args.bottleneck)
+
+    torch.manual_seed(0)
+    single = SequenceClassifier(copy.deepcopy(encoder), num_labels=2).train()
+    add_adapter(single, pfeiffer, "a")
+    train_adapter(single, "a")
+
+    torch.manual_seed(0)
+    fused = SequenceClassifier(copy.deepcopy(encoder), num_labels=2).train()
+    names = [f"source{i}" for i in range(args.sources)]
+    for name in names:
+        add_adapter(fused, pfeiffer, name)
+    freeze_adapters(fused, *names)
+    add_adapter(fused, FusionConfig(adapters=names), "fusion")
+    train_adapter(fused, "fusion")
+
+    steps = {name: training_step(model, batch, [p for p in model.parameters() if p.requires_grad])
+             for name, model in (("single pfeiffer", single), (f"fusion of {args.sources}", fused))}
+    cpu = {name: [] for name in steps}
+
+    def cpu_timed(name, fn):
+        def run():
+            start = time.process_time()
+            fn()
+            cpu[name].append(time.process_time() - start)
+        return run
+
+    wall = interleaved_medians({n: cpu_timed(n, fn) for n, fn in steps.items()}, repeats=args.repeats,
+                               warmup=1 if args.quick else 3)
+    cpu = {name: statistics.median(ts[-args.repeats:]) for name, ts in cpu.items()}  # warm-up calls dropped
+    trained = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in
+               (("single pfeiffer", single), (f"fusion of {args.sources}", fused))}
+    print(f"training step, MiniLM + head, batch {args.batch} x {args.seq} real tokens, {args.threads} threads, "
+          f"median of {args.repeats} (interleaved); Pfeiffer m={args.bottleneck}")
+    print(f"  {'':18s} {'trained':>10} {'wall ms':>9} {'CPU ms':>9}")
+    for name in steps:
+        print(f"  {name:18s} {trained[name]:>10,} {wall[name] * 1000:9.1f} {cpu[name] * 1000:9.1f}")
+    single_name, fused_name = list(steps)
+    print(f"ratio fusion (N={args.sources}) / single Pfeiffer adapter: "
+          f"wall {wall[fused_name] / wall[single_name]:.3f}, CPU {cpu[fused_name] / cpu[single_name]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
