@@ -20,7 +20,7 @@ with lr 5e-5 (``PAPER_LR``; §4).
 
 Parameters per layer: Q and K (d² + d each) and V (d², no bias): L(3d² + 2d), independent of N; on BERT-base
 21,252,096 (19.4% of the model): far more than the adapters it fuses. b_K adds q·b_K to every score of a token
-alike, so softmax ignores it (its gradient is 0); it is counted because the reference has it.
+alike, so softmax ignores it (its gradient is 0 up to rounding); it is counted because the reference has it.
 
 The sources stay where they were (their own names, frozen, inactive: the fusion calls them); the fusion owns only
 Q, K, V per layer, so it trains, counts, saves and loads alone; loading it needs its sources attached first.
