@@ -20,6 +20,7 @@ import argparse
 import json
 import shlex
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -39,8 +40,10 @@ def in_lesson_order(ablations: bool = False) -> list[str]:
     return [n for n in sorted(RECIPES, key=lambda name: RECIPES[name].lesson) if ablations or not RECIPES[n].ablation]
 
 
-def build_model(spec: MethodSpec | str, task: str = "sentiment", seed: int = 0, encoder=None) -> SequenceClassifier:
-    """Seed, load the pretrained encoder (or use ``encoder``), add a head for ``task``, apply the recipe."""
+def build_model(spec: MethodSpec | str, task: str = "sentiment", seed: int = 0, encoder=None,
+                size=None) -> SequenceClassifier:
+    """Seed, load the pretrained encoder (or use ``encoder``), add a head for ``task``, apply the recipe (its
+    adapter at ``size`` on the recipe's knob, default the knob's default)."""
     from .backbones.encoder import Encoder
     from .tasks import TASKS
 
@@ -49,7 +52,7 @@ def build_model(spec: MethodSpec | str, task: str = "sentiment", seed: int = 0, 
         raise ValueError(f"unknown task {task!r}; available tasks: {sorted(TASKS)}")
     seed_everything(seed)
     model = SequenceClassifier(encoder or Encoder.from_pretrained(), num_labels=len(TASKS[task].label_names))
-    return apply_recipe(model, spec)
+    return apply_recipe(model, spec, size)
 
 
 def run_comparison(methods=None, task: str = "sentiment", seeds=(0,), budget: Budget | None = None,
@@ -73,6 +76,34 @@ def run_comparison(methods=None, task: str = "sentiment", seeds=(0,), budget: Bu
                 print(f"{spec.name} seed {seed}: test acc {r.test_acc:.3f}, {r.trainable_pct:.3g}% trained, "
                       f"{r.sec_per_step:.2f} s/step", flush=True)
     return results
+
+
+def recorded_runs(methods=("full", "head"), task: str = "sentiment", budget: Budget | None = None,
+                  results_dir="results", quiet: bool = True) -> dict[str, list[Result]]:
+    """Runs of registered ``methods`` on ``task``, by seed: read from ``<results_dir>/<task>/comparison.json`` when
+    it holds them with this budget (every recorded seed), else trained here through ``build_model`` (seed 0).
+
+    Lessons read their baselines this way instead of retraining them; it prints where each came from."""
+    budget = budget or Budget.from_env()
+    path = Path(results_dir) / task / "comparison.json"
+    recorded: dict[str, list[Result]] = {}
+    if path.exists():
+        record = json.loads(path.read_text())
+        if record.get("budget") == asdict(budget):
+            for d in record["results"]:
+                recorded.setdefault(d["method"], []).append(Result.from_dict(d))
+    runs = {}
+    for name in methods:
+        if name in recorded:
+            runs[name] = sorted(recorded[name], key=lambda r: r.seed)
+            where = f"read from {path} (seeds {[r.seed for r in runs[name]]})"
+        else:
+            spec = get_method(name)
+            runs[name] = [train(build_model(spec, task, 0), task, spec.lr, budget, seed=0, method=name,
+                                config=spec.config, quiet=quiet)]
+            where = f"trained here, seed 0 ({path} has no {name} run with this budget)"
+        print(f"{name}: {where}")
+    return runs
 
 
 # ---- writing results/ ----------------------------------------------------------------------------------------
@@ -101,11 +132,13 @@ def test_labels(task: str, budget: Budget) -> list[int]:
 
 
 def write_results(results: list[Result], out_dir, command: str, planned: int | None = None,
-                  started: dict | None = None) -> dict[str, Path]:
+                  started: dict | None = None, earlier: dict | None = None) -> dict[str, Path]:
     """Write comparison.json into ``out_dir`` and its views (.md, .png, ``report.render_task``); return the paths.
 
     ``planned``: the number of runs the command was to make; when fewer finished, the files say so.
-    ``started``: ``machine()`` when the command began (its load average is recorded next to the one now)."""
+    ``started``: ``machine()`` when the command began (its load average is recorded next to the one now).
+    ``earlier``: a record these runs are added to (``--add``): its runs stay, except a (method, seed) run again;
+    its command and machine stay, and this command is listed under ``added``."""
     if not results:
         raise ValueError("no results to write")
     out = Path(out_dir)
@@ -114,9 +147,13 @@ def write_results(results: list[Result], out_dir, command: str, planned: int | N
     status = (f"partial: {len(results)} of {planned} runs finished" if planned is not None and len(results) < planned
               else "complete")
     load = {"start": (started or now)["load_average"], "end": now["load_average"]}
-    record = {"command": command, "status": status, "task": r0.task, "budget": r0.budget, "versions": r0.versions,
-              "machine": {**now, "load_average": load}, "test_labels": test_labels(r0.task, Budget(**r0.budget)),
-              "results": [r.to_dict() for r in results]}
+    this = {"command": command, "status": status, "machine": {**now, "load_average": load}}
+    record = {**this, "task": r0.task, "budget": r0.budget, "versions": r0.versions,
+              "test_labels": test_labels(r0.task, Budget(**r0.budget)), "results": [r.to_dict() for r in results]}
+    if earlier is not None:
+        rerun = {(r.method, r.seed) for r in results}
+        kept = [d for d in earlier["results"] if (d["method"], d["seed"]) not in rerun]
+        record = {**earlier, "added": earlier.get("added", []) + [this], "results": kept + record["results"]}
     path = out / "comparison.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
@@ -126,6 +163,19 @@ def write_results(results: list[Result], out_dir, command: str, planned: int | N
 
 def load_results(path) -> list[Result]:
     return [Result.from_dict(d) for d in json.loads(Path(path).read_text())["results"]]
+
+
+def earlier_record(path: Path, task: str, budget: Budget) -> dict | None:
+    """The record ``--add`` extends (None if there is none yet); refuse one made with another task or budget,
+    whose runs could not be compared with the new ones."""
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("task") != task or record.get("budget") != asdict(budget):
+        raise SystemExit(f"--add: {path} holds task {record.get('task')!r} with budget {record.get('budget')}; "
+                         f"this command trains {task!r} with {asdict(budget)}: runs with another budget cannot be "
+                         "added to it (choose another --out)")
+    return record
 
 
 QUICK_TASKS, FULL_TASKS, FULL_SEEDS = ["topic"], ["question", "topic"], [0, 1, 2]
@@ -150,6 +200,8 @@ def main(argv=None) -> list[Result]:
                    help=f"default: the compared methods ({' '.join(in_lesson_order())}); lesson 06's ablations: "
                         f"{' '.join(sorted(set(in_lesson_order(True)) - set(in_lesson_order())))}")
     p.add_argument("--out", default="runs", help="output folder, one sub-folder per task (default runs/)")
+    p.add_argument("--add", action="store_true",
+                   help="add these runs to <out>/<task>/comparison.json (same budget) instead of replacing it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     unknown = [m for m in args.methods or [] if m not in METHODS]
@@ -158,12 +210,14 @@ def main(argv=None) -> list[Result]:
     budget = Budget.fast() if args.fast else Budget.from_env()
     command = "python -m minipeft compare" + ("" if not argv else " " + shlex.join(argv))
     planned = len(args.methods or in_lesson_order()) * len(args.seeds)
+    earlier = {t: earlier_record(Path(args.out) / t / "comparison.json", t, budget) if args.add else None
+               for t in args.tasks}  # checked before any training
     started, everything = machine(), []
     for task in args.tasks:
         out = Path(args.out) / task
         results = run_comparison(args.methods, task, args.seeds, budget, quiet=args.quiet,
-                                 on_result=lambda rs: write_results(rs, out, command, planned, started))
-        paths = write_results(results, out, command, started=started)
+                                 on_result=lambda rs: write_results(rs, out, command, planned, started, earlier[task]))
+        paths = write_results(results, out, command, started=started, earlier=earlier[task])
         print(f"## {task}\n" + markdown_table(results, test_labels(task, budget)))
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         everything += results

@@ -145,7 +145,10 @@ def render_task(path) -> dict[str, Path]:
         "as trained). s/step: median of the run's steps (other work on the machine slows it: see the load average "
         "below; `bench/costs.py` measures the ratios side by side). Training MiB: the measured peak "
         f"({r0.memory_measure}), the fp32 weights included; the last column is the formula 4·(N + 3·N_trainable) "
-        f"bytes.\n\nCommand: `{record['command']}`\n\nBudget: {budget}\n\nDevice: {r0.device}"
+        f"bytes.\n\nCommand: `{record['command']}`\n\n"
+        + "".join(f"Added by: `{a['command']}` (load average at the start {a['machine']['load_average']['start']}, "
+                  f"at the end {a['machine']['load_average']['end']})\n\n" for a in record.get("added", []))
+        + f"Budget: {budget}\n\nDevice: {r0.device}"
         + (f" ({m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads); load average (1, 5, 15 min) at "
            f"the start {m['load_average']['start']}, at the end {m['load_average']['end']}" if m else "")
         + f"; versions: {versions}\n")
@@ -174,6 +177,29 @@ def load_all(results_dir="results") -> tuple[dict[str, dict], dict | None]:
     return records, (json.loads(costs.read_text()) if costs.exists() else None)
 
 
+def recorded_difference(a: str, b: str, tasks=("question", "topic"), results_dir="results") -> str:
+    """Method ``a`` against ``b`` on each task's committed runs, paired seed by seed on the same test examples:
+    one line per task with both means, the difference in points, its 95% bootstrap interval, McNemar p, verdict."""
+    lines = []
+    for task in tasks:
+        path = Path(results_dir) / task / "comparison.json"
+        if not path.exists():
+            lines.append(f"{task}: no {path}")
+            continue
+        record = load_record(path)
+        runs = by_method(record["results"])
+        missing = [m for m in (a, b) if m not in runs]
+        if missing:
+            lines.append(f"{task}: {path} has no runs of {', '.join(missing)}")
+            continue
+        c = paired_against(runs[a], runs[b], record_labels(record))
+        mean_a, mean_b = (statistics.mean(r.test_acc for r in runs[m]) for m in (a, b))
+        seeds = sorted({r.seed for r in runs[a]} & {r.seed for r in runs[b]})
+        lines.append(f"{task} (seeds {seeds}, {len(record_labels(record))} test examples): {a} {mean_a:.3f} vs {b} "
+                     f"{mean_b:.3f}: {fmt_vs_full(c)}")
+    return "\n".join(lines)
+
+
 def design_rows(records: dict[str, dict], costs: dict | None = None) -> list[dict]:
     """One row per method (in lesson order): sizes, costs (side by side, ``bench/costs.py``), measured training
     memory and its formula (first task's runs), and per task the ``summarise`` row (accuracy, interval, verdict)."""
@@ -195,6 +221,11 @@ def design_rows(records: dict[str, dict], costs: dict | None = None) -> list[dic
     return out
 
 
+def fmt_ratio(x: float) -> str:
+    """A measured ratio, or "—" where ``bench/costs.py`` did not measure it (lesson 06's ablations)."""
+    return "—" if math.isnan(x) else f"{x:.2f}"
+
+
 def summary_markdown(records: dict[str, dict], costs: dict | None = None) -> str:
     """The short table (the README's): sizes, step vs full, and per task accuracy, % of full and verdict."""
     tasks = list(records)
@@ -202,10 +233,12 @@ def summary_markdown(records: dict[str, dict], costs: dict | None = None) -> str
         f"{t}: acc ± 95% CI (% of full), vs full" for t in tasks) + " |\n|---|---:|---:|---:|" + "---|" * len(tasks) + "\n")
 
     def cell(x):
+        if x is None:
+            return "not run"
         return f"{fmt_acc(x)} ({x['pct_of_full']:.1f}%), {'—' if x['vs_full'] is None else x['vs_full'].verdict}"
 
     return head + "".join(
-        f"| {r['method']} | {r['trainable_pct']:.3g} | {r['stored_pct']:.3g} | {r['step_vs_full']:.2f} | "
+        f"| {r['method']} | {r['trainable_pct']:.3g} | {r['stored_pct']:.3g} | {fmt_ratio(r['step_vs_full'])} | "
         + " | ".join(cell(r["tasks"][t]) for t in tasks) + " |\n" for r in design_rows(records, costs))
 
 
@@ -224,12 +257,12 @@ def design_markdown(records: dict[str, dict], costs: dict | None = None) -> str:
 
     def merges(r):  # the baselines have no adapter to merge
         spec = RECIPES.get(r["method"])
-        return "—" if spec is not None and spec.make is None else {True: "yes", False: "no", None: "?"}[r["merges"]]
+        return "—" if spec is not None and spec.make is None else {True: "yes", False: "no", None: "—"}[r["merges"]]
 
     return head + "".join(
-        f"| {r['method']} | {r['trainable_pct']:.3g} | {r['stored_pct']:.3g} | {r['step_vs_full']:.2f} "
+        f"| {r['method']} | {r['trainable_pct']:.3g} | {r['stored_pct']:.3g} | {fmt_ratio(r['step_vs_full'])} "
         f"| {r['training_memory_mb']:.0f} ({r['train_state_mb']:.0f}) | {merges(r)} "
-        f"| {r['batch1_vs_base']:.2f} / {r['batch32_vs_base']:.2f} | "
+        f"| {fmt_ratio(r['batch1_vs_base'])} / {fmt_ratio(r['batch32_vs_base'])} | "
         + " | ".join(task_cell(r["tasks"][t]) for t in tasks) + " |\n" for r in design_rows(records, costs))
 
 

@@ -48,6 +48,28 @@ def test_cli_writes_the_three_files_per_task(tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare.main(["--methods", "nope", "--out", str(tmp_path)])
     assert "unknown method(s) ['nope']; registered methods:" in capsys.readouterr().err
+
+    # --add: new runs join the record (a (method, seed) run again replaces its old run); another budget is refused
+    cli(["compare", "--fast", "--tasks", "topic", "--methods", "head", "lora", "--seeds", "1", "--out", str(tmp_path),
+         "--quiet", "--add"])
+    data = json.loads((tmp_path / "topic" / "comparison.json").read_text())
+    assert [(r["method"], r["seed"]) for r in data["results"]] == [("full", 0), ("full", 1), ("head", 0),
+                                                                   ("head", 1), ("lora", 1)]
+    assert data["command"].endswith("--seeds 0 1 --out " + str(tmp_path) + " --quiet")
+    assert [a["command"].split()[-1] for a in data["added"]] == ["--add"]
+    assert "Added by: `python -m minipeft compare --fast" in (tmp_path / "topic" / "comparison.md").read_text()
+    before = (tmp_path / "topic" / "comparison.json").read_bytes()
+    with pytest.raises(SystemExit, match="runs with another budget cannot be added"):
+        compare.main(["--tasks", "topic", "--methods", "head", "--out", str(tmp_path), "--add"])
+    assert (tmp_path / "topic" / "comparison.json").read_bytes() == before
+
+    # a lesson reads recorded runs made with its budget, and trains (seed 0) what is not recorded
+    from minipeft.train import Budget
+    runs = compare.recorded_runs(("full", "lora"), "topic", Budget.fast(), tmp_path)
+    assert [r.seed for r in runs["full"]] == [0, 1] and runs["full"][1].losses == data["results"][1]["losses"]
+    assert [r.seed for r in runs["lora"]] == [1]
+    runs = compare.recorded_runs(("head",), "question", Budget.fast(), tmp_path / "elsewhere")
+    assert [r.seed for r in runs["head"]] == [0] and "trained here, seed 0" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli(["train"])
 
