@@ -280,8 +280,13 @@ def main(argv=None) -> str:
     if not records:
         p.error(f"no {args.results}/<task>/comparison.json found; make them with `make results` "
                 "(python -m minipeft compare)")
+    compared = {m for m, spec in RECIPES.items() if not spec.ablation}  # a column needs every compared method
+    partial = {t: rec for t, rec in records.items() if not compared <= {r.method for r in rec["results"]}}
+    records = {t: rec for t, rec in records.items() if t not in partial} or records
     text = design_markdown(records, costs)
     note = ("" if costs else "\nNo costs.json: run `cd bench && ../.venv/bin/python costs.py --out ../results/costs.json`.\n")
+    note += "".join(f"\nNot in the table: `{t}/comparison.json` ({', '.join(by_method(rec['results']))} only).\n"
+                    for t, rec in partial.items() if t not in records)
     Path(args.results, "table.md").write_text(
         "# The design document's table, measured\n\n## In short (the README's)\n\n" + summary_markdown(records, costs)
         + "\n## In full\n\n" + text + note + "\nMade by `python -m minipeft report` from "

@@ -28,7 +28,7 @@ def test_build_model_prepares_the_method():
         build_model("head", "spam")
 
 
-def test_cli_writes_the_three_files_per_task(tmp_path, capsys):
+def test_cli_writes_the_three_files_per_task(tmp_path, capsys, monkeypatch):
     cli(["compare", "--fast", "--tasks", "topic", "question", "--methods", "full", "head", "--seeds", "0", "1",
          "--out", str(tmp_path), "--quiet"])
     data = json.loads((tmp_path / "question" / "comparison.json").read_text())
@@ -59,6 +59,7 @@ def test_cli_writes_the_three_files_per_task(tmp_path, capsys):
     assert [a["command"].split()[-1] for a in data["added"]] == ["--add"]
     assert "Added by: `python -m minipeft compare --fast" in (tmp_path / "topic" / "comparison.md").read_text()
     before = (tmp_path / "topic" / "comparison.json").read_bytes()
+    monkeypatch.delenv("MINIPEFT_FAST", raising=False)  # the lesson budget, not the record's fast one
     with pytest.raises(SystemExit, match="runs with another budget cannot be added"):
         compare.main(["--tasks", "topic", "--methods", "head", "--out", str(tmp_path), "--add"])
     assert (tmp_path / "topic" / "comparison.json").read_bytes() == before
