@@ -2,12 +2,14 @@
 
     python -m minipeft compare [--tasks T ...] [--seeds S ...] [--fast] [--methods M ...] [--out DIR]
     python -m minipeft report [--results DIR]
+    python -m minipeft transfer [--sizes N ...] [--seeds S ...] [--arms A ...] [--fast] [--out DIR]
     python -m minipeft train --method M [--task T] [--seed S] [--fast] [--device cpu|cuda] [--bf16] [--out DIR]
     torchrun --nproc_per_node 2 -m minipeft train --method M ...     (DistributedDataParallel, minipeft.distributed)
 """
 import sys
 
 COMMANDS = {"compare": "train the registered methods on one or more tasks, one folder each (minipeft.compare)",
+            "transfer": "AdapterFusion's two stages and its controls on a small target task (minipeft.transfer)",
             "report": "the design document's table from results/ (minipeft.report)",
             "train": "train one method on one task, on one or several processes (minipeft.distributed)"}
 
@@ -25,6 +27,10 @@ def main(argv=None):
         from .report import main as report_main
 
         return report_main(argv[1:])
+    if argv[0] == "transfer":
+        from .transfer import main as transfer_main
+
+        return transfer_main(argv[1:])
     if argv[0] == "train":
         from .distributed import main as train_main
 
