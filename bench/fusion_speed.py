@@ -1,4 +1,5 @@
-"""AdapterFusion's training step (N frozen Pfeiffer sources + the fusion training) vs one Pfeiffer adapter training.
+"""AdapterFusion's training step (N frozen Pfeiffer sources + the fusion training) vs one Pfeiffer adapter training,
+and the fused model's inference latency vs a single adapter's.
 
     cd bench && ../.venv/bin/python fusion_speed.py  [--sources 4 --bottleneck 64 --batch 32 --seq 64 --threads 2
                                                       --repeats 15]   (--quick: batch 8 x 32, 3 repeats)
@@ -6,14 +7,15 @@
 Both models are MiniLM + a 2-class head in train mode, on the same batch of real snippets, timed interleaved. Per
 token and layer, fusion runs all N source adapters (N · 2md multiply-adds instead of 2md) and Q, K, V (3d²; the
 scores and the weighting add N·d each), and AdamW updates L(3d² + 2d) = 2.66M parameters instead of
-L(2md + d + m) = 0.30M (m = 64). Prints the wall-clock and CPU-time ratio fusion / single adapter (no target).
+L(2md + d + m) = 0.30M (m = 64). Prints the wall-clock and CPU-time ratio fusion / single adapter for the training
+step, then the inference latency (eval mode, no gradients) at batch 1 and at the training batch, timed interleaved.
 """
 import copy
 import statistics
 import time
 
 import torch
-from common import bench_arguments, interleaved_medians, pin_threads, real_batch, training_step
+from common import bench_arguments, inference, interleaved_medians, pin_threads, real_batch, training_step
 
 from minipeft import BottleneckConfig, Encoder, FusionConfig, add_adapter, freeze_adapters, train_adapter
 from minipeft.train import SequenceClassifier
@@ -70,6 +72,14 @@ def main():
     single_name, fused_name = list(steps)
     print(f"ratio fusion (N={args.sources}) / single Pfeiffer adapter: "
           f"wall {wall[fused_name] / wall[single_name]:.3f}, CPU {cpu[fused_name] / cpu[single_name]:.3f}")
+
+    single.eval(), fused.eval()
+    for size in (1, args.batch):
+        part = {k: v[:size] for k, v in batch.items()}
+        latency = interleaved_medians({single_name: inference(single, part), fused_name: inference(fused, part)},
+                                      repeats=args.repeats * 2, warmup=1 if args.quick else 3)
+        print(f"inference, batch {size} x {args.seq}: single {latency[single_name] * 1000:.1f} ms, fusion "
+              f"{latency[fused_name] * 1000:.1f} ms -> ratio {latency[fused_name] / latency[single_name]:.3f}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from . import methods  # noqa: F401  (registers every method's config)
 from .api import (activate, add_adapter, adapter_names, deactivate, delete_adapter, for_inference,  # noqa: F401
                   load_adapter, parameter_summary, save_adapter, set_active, train_adapter)
 from .backbones.encoder import Encoder, EncoderConfig  # noqa: F401
+from .generation import Generation, generate  # noqa: F401
 from .interop import TransformersBackbone, export_peft, import_peft  # noqa: F401
 from .methods.bottleneck import BottleneckConfig  # noqa: F401
 from .methods.compacter import CompacterConfig, CompacterPPConfig, PHMAdapterConfig  # noqa: F401
@@ -16,5 +17,6 @@ from .methods.fusion import FusionConfig, freeze_adapters, fusion_attention, fus
 from .methods.lora import LoRAConfig, merge_adapter, merge_and_unload, unmerge_adapter  # noqa: F401
 from .methods.parallel import ParallelAdapterConfig, ScaledParallelAdapterConfig  # noqa: F401
 from .methods.prefix import PrefixConfig, eject_prefix  # noqa: F401
+from .transfer import attach_fusion  # noqa: F401  (registers the fusion recipe: compare's fusion runs both stages)
 
 __version__ = "0.1.0"

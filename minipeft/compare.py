@@ -207,6 +207,11 @@ def main(argv=None) -> list[Result]:
     unknown = [m for m in args.methods or [] if m not in METHODS]
     if unknown:  # fail before any training
         p.error(f"unknown method(s) {unknown}; registered methods: {sorted(METHODS)}")
+    clash = [(m, t) for m in args.methods or [] for t in args.tasks if t in METHODS[m].not_for_tasks]
+    if clash:
+        m, t = clash[0]
+        p.error(f"method {m!r} cannot be compared on task {t!r}: it is built from adapters trained on "
+                f"{list(METHODS[m].not_for_tasks)}; choose another task")
     budget = Budget.fast() if args.fast else Budget.from_env()
     command = "python -m minipeft compare" + ("" if not argv else " " + shlex.join(argv))
     planned = len(args.methods or in_lesson_order()) * len(args.seeds)

@@ -102,6 +102,7 @@ class Recipe:
     knob: Knob | None = None
     make: Callable[[object], AdapterConfig] | None = None
     ablation: bool = False                        # a lesson's design-space variant, not one of the compared methods
+    not_for_tasks: tuple[str, ...] = ()           # tasks it must not be compared on (fusion: its sources' tasks)
 
     def __post_init__(self):
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():

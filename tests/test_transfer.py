@@ -1,14 +1,18 @@
 """AdapterFusion's two stages (minipeft.transfer) on the real MiniLM and the real tasks, CI's budget."""
 import json
+from dataclasses import asdict
 
 import pytest
 
 from minipeft.compare import build_model
-from minipeft.core import adapter_modules, adapter_names
+from minipeft.compare import main as compare_main
+from minipeft.core import RECIPES, adapter_modules, adapter_names
 from minipeft.methods.fusion import fusion_count
 from minipeft.train import Budget, count_parameters
-from minipeft.transfer import (ARMS, FUSION_LRS, SOURCES, TARGET, build_arm, fusion_against_controls, load_sources,
-                               main, train_sources)
+from minipeft.transfer import (ARMS, FUSION_LR, FUSION_LRS, SOURCES, SOURCES_DIR, TARGET, build_arm,
+                               fusion_against_controls, load_sources, main, target_budget, train_sources)
+
+RECORD = SOURCES_DIR.parent / "transfer.json"  # the committed study lesson 07 reads
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +71,22 @@ def test_the_cli_chooses_on_validation_and_records_every_run(sources, tmp_path):
     assert len(record["test_labels"]) == 32 == len(record["results"][1]["test_predictions"])
     study = fusion_against_controls(record)
     assert list(study) == [16] and study[16]["best_control"] == "head" and set(study[16]["vs"]) == {"head"}
+
+
+def test_the_committed_study_is_complete_and_its_choices_are_the_defaults():
+    record = json.loads(RECORD.read_text())
+    runs = [(r["method"], r["config"]["n"], r["seed"]) for r in record["results"]]
+    assert sorted(runs) == sorted((a, n, s) for a in ARMS for n in (100, 300) for s in (0, 1, 2))
+    assert len(record["test_labels"]) == 400 and all(len(r["test_predictions"]) == 400 for r in record["results"])
+    assert record["budgets"] == {str(n): asdict(target_budget(n)) for n in (100, 300)}
+    assert record["best_source"] == max(record["best_source_val"], key=record["best_source_val"].get)
+    assert record["fusion_lr"] == FUSION_LR == RECIPES["fusion"].lr  # the validation choice is the package default
+    assert set(record["sources"]) == set(SOURCES) and all((SOURCES_DIR / t / "scores.json").exists() for t in SOURCES)
+
+
+def test_compare_runs_fusion_on_the_saved_sources_and_refuses_their_own_tasks(tmp_path):
+    [r] = compare_main(["--fast", "--methods", "fusion", "--tasks", "vader_nyt", "--out", str(tmp_path), "--quiet"])
+    assert r.method == "fusion" and r.trainable_params == fusion_count(384, 6) + 384 * 2 + 2  # fusion + head
+    with pytest.raises(SystemExit):  # a source trained on the task itself would make it no transfer at all
+        compare_main(["--fast", "--methods", "fusion", "--tasks", "question", "--out", str(tmp_path)])
+    assert not (tmp_path / "question").exists()

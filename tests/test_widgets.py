@@ -4,6 +4,7 @@ import pytest
 from minipeft.core import RECIPES, Knob, Recipe, register_recipe
 from minipeft.methods.bottleneck import BottleneckConfig, houlsby_count
 from minipeft.methods.compacter import compacter_count
+from minipeft.methods.fusion import fusion_count
 from minipeft.methods.lora import lora_count_encoder
 from minipeft.methods.parallel import parallel_count
 from minipeft.methods.prefix import prefix_training_count
@@ -28,7 +29,8 @@ def test_every_recipe_matches_its_closed_form(backbone):
     expected = {"houlsby": houlsby_count(d, L, 32), "pfeiffer": houlsby_count(d, L, 64) // 2,
                 "lora": lora_count_encoder(cfg, 8), "compacter": compacter_count(d, L, 24),
                 "compacter_pp": compacter_count(d, L, 24, sites=1), "parallel": parallel_count(d, L, 96),
-                "scaled_parallel": parallel_count(d, L, 96), "prefix": prefix_training_count(d, L, 30, 512)}
+                "scaled_parallel": parallel_count(d, L, 96), "prefix": prefix_training_count(d, L, 30, 512),
+                "fusion": fusion_count(d, L)}  # the sources are frozen: only the fusion and the head train
     for method, count in expected.items():
         assert breakdown(method, None, backbone)["total"] == count + head, method
 
