@@ -13,6 +13,7 @@ on a target task with n training examples, five arms, each seed and n the same e
     fusion          every source adapter frozen, a fusion over them and a new head
 
 Chosen on validation (seed 0, the largest n): the best source, and fusion's learning rate among FUSION_LRS.
+The fusion arm is also ``python -m minipeft compare --methods fusion`` (``attach_fusion``, on any task but the sources').
 The record ``<out>/transfer.json`` keeps every Result (test predictions included, for paired tests), the test
 labels, the sources' own accuracies, the choice of the best source, the machine and the command.
 """
