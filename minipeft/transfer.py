@@ -121,9 +121,10 @@ def attach_fusion(model: nn.Module, directory=None) -> None:
         set_active(model)
     else:
         if directory is None:
-            complete = all((SOURCES_DIR / t / "scores.json").exists() for t in SOURCES)
-            directory = SOURCES_DIR if complete else Path("runs/fusion/sources")
-            train_sources(directory, budget=Budget.from_env())  # stage 1 where its adapters are missing
+            directory = SOURCES_DIR
+            if not all((SOURCES_DIR / t / "scores.json").exists() for t in SOURCES):
+                directory = Path("runs/fusion/sources")
+                train_sources(directory, budget=Budget.from_env())  # stage 1 where its adapters are missing
         load_sources(model, directory)
     add_adapter(model, FusionConfig(adapters=list(SOURCES)), "fusion")
     train_adapter(model, "fusion")
