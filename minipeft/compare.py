@@ -61,6 +61,12 @@ def run_comparison(methods=None, task: str = "sentiment", seeds=(0,), budget: Bu
 
     ``on_result(results_so_far)`` is called after each run (``main`` writes the files then, so a crash or an
     interrupt keeps what finished)."""
+    from .generation_tasks import GENERATION_TASKS
+
+    if task in GENERATION_TASKS:
+        from .generation_train import run_generation_comparison
+
+        return run_generation_comparison(methods, task, seeds, budget, quiet, on_result)
     budget = budget or Budget.from_env()
     specs = [get_method(m) for m in (methods or in_lesson_order())]
     results = []
@@ -124,10 +130,14 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": load}
 
 
-def test_labels(task: str, budget: Budget) -> list[int]:
-    """The labels of the test examples the runs were scored on, in order (for paired tests)."""
+def test_labels(task: str, budget: Budget) -> list:
+    """The labels of the test examples the runs were scored on, in order (for paired tests); on a generation task
+    the reference texts (the headlines)."""
+    from .generation_tasks import GENERATION_TASKS, load_headline
     from .tasks import load_task
 
+    if task in GENERATION_TASKS:
+        return list(load_headline(max_train=1, max_eval=1, max_test=budget.max_test)["test"]["headline"])
     return list(load_task(task, max_train=1, max_eval=1, max_test=budget.max_test)["test"]["label"])
 
 
@@ -186,14 +196,18 @@ FULL_COMMAND = (f"python -m minipeft compare --tasks {' '.join(FULL_TASKS)} --se
 def main(argv=None) -> list[Result]:
     """The default profile (every method, seed 0, ``topic``, into runs/) is ``make compare``; the committed
     results/ come from ``FULL_COMMAND`` (``make results``)."""
+    from .generation_tasks import GENERATION_TASKS
+    from .generation_train import GENERATION_LRS, planned_runs
     from .tasks import TASKS
 
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m minipeft compare",
                                 description="train registered methods with one budget on one or more tasks; "
                                             f"results/ is made by: {FULL_COMMAND}")
-    p.add_argument("--tasks", "--task", nargs="+", default=QUICK_TASKS, choices=sorted(TASKS), metavar="TASK",
-                   help=f"default: {' '.join(QUICK_TASKS)}; available: {' '.join(sorted(TASKS))}")
+    all_tasks = sorted(TASKS) + list(GENERATION_TASKS)
+    p.add_argument("--tasks", "--task", nargs="+", default=QUICK_TASKS, choices=all_tasks, metavar="TASK",
+                   help=f"default: {' '.join(QUICK_TASKS)}; available: {' '.join(all_tasks)} (generation: "
+                        f"{' '.join(GENERATION_TASKS)}, with the methods {' '.join(GENERATION_LRS)})")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--fast", action="store_true", help="the CI budget (Budget.fast()); also MINIPEFT_FAST=1")
     p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
@@ -204,26 +218,36 @@ def main(argv=None) -> list[Result]:
                    help="add these runs to <out>/<task>/comparison.json (same budget) instead of replacing it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    unknown = [m for m in args.methods or [] if m not in METHODS]
-    if unknown:  # fail before any training
-        p.error(f"unknown method(s) {unknown}; registered methods: {sorted(METHODS)}")
-    clash = [(m, t) for m in args.methods or [] for t in args.tasks if t in METHODS[m].not_for_tasks]
+    for task in args.tasks:  # fail before any training
+        allowed = list(GENERATION_LRS) if task in GENERATION_TASKS else sorted(METHODS)
+        unknown = [m for m in args.methods or [] if m not in allowed]
+        if unknown:
+            p.error(f"method(s) {unknown} cannot run on task {task!r}; allowed there: {allowed}")
+    clash = [(m, t) for m in args.methods or [] for t in args.tasks if m in METHODS and t in METHODS[m].not_for_tasks]
     if clash:
         m, t = clash[0]
         p.error(f"method {m!r} cannot be compared on task {t!r}: it is built from adapters trained on "
                 f"{list(METHODS[m].not_for_tasks)}; choose another task")
-    budget = Budget.fast() if args.fast else Budget.from_env()
+    budgets = {t: Budget.for_task(t, fast=True if args.fast else None) for t in args.tasks}
     command = "python -m minipeft compare" + ("" if not argv else " " + shlex.join(argv))
-    planned = len(args.methods or in_lesson_order()) * len(args.seeds)
-    earlier = {t: earlier_record(Path(args.out) / t / "comparison.json", t, budget) if args.add else None
+    earlier = {t: earlier_record(Path(args.out) / t / "comparison.json", t, budgets[t]) if args.add else None
                for t in args.tasks}  # checked before any training
     started, everything = machine(), []
     for task in args.tasks:
-        out = Path(args.out) / task
+        out, budget = Path(args.out) / task, budgets[task]
+        if task in GENERATION_TASKS:
+            planned = planned_runs(args.methods, args.seeds)
+        else:
+            planned = len(args.methods or in_lesson_order()) * len(args.seeds)
         results = run_comparison(args.methods, task, args.seeds, budget, quiet=args.quiet,
                                  on_result=lambda rs: write_results(rs, out, command, planned, started, earlier[task]))
         paths = write_results(results, out, command, started=started, earlier=earlier[task])
-        print(f"## {task}\n" + markdown_table(results, test_labels(task, budget)))
+        if task in GENERATION_TASKS:
+            from .generation_report import generation_table
+
+            print(f"## {task}\n" + generation_table(results, test_labels(task, budget)))
+        else:
+            print(f"## {task}\n" + markdown_table(results, test_labels(task, budget)))
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         everything += results
     return everything

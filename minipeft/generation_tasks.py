@@ -10,8 +10,8 @@ Source: the BBC News corpus (Greene & Cunningham 2006) as shipped by ``corpus4cl
 * Splits: one shuffle with ``tasks.SPLIT_SEED`` (the classification tasks' seed); the first ``TEST_SIZE`` (300)
   articles are test, the next ``VALIDATION_SIZE`` (200) validation, train is the rest (about 1,600).
   ``max_train`` / ``max_eval`` / ``max_test`` keep the first n of each (already shuffled) split.
-* Prompt (``headline_prompt``): the body is cut to its first ``BODY_TOKENS`` (256) tokens of the decoder's
-  tokenizer (the lead paragraphs, where a news story states its point), then wrapped in the instruct model's
+* Prompt (``headline_prompt``): the body is cut to its first ``BODY_TOKENS`` (128, ``Budget.generation().max_length``)
+  tokens of the decoder's tokenizer (the lead paragraphs, where a news story states its point), then wrapped in the instruct model's
   chat template: a system message, a user message ``HEADLINE_INSTRUCTION`` + body, and the opened assistant turn
   (``add_generation_prompt=True``); the model's reply is the headline.
 * Metric (``rouge``): ROUGE-1, ROUGE-2 and ROUGE-L F1 (Lin 2004), means over the examples, computed with the
@@ -27,9 +27,11 @@ from datasets import Dataset, DatasetDict, Features, Value
 from .assets import asset_path
 from .tasks import SPLIT_SEED
 
+GENERATION_TASKS = ("headline",)  # trained by minipeft.generation_train, scored by ROUGE
+HEADLINE_NEW_TOKENS = 24  # a generated headline's token limit (the references: 5-12 tokens)
 VALIDATION_SIZE = 200
 TEST_SIZE = 300
-BODY_TOKENS = 256  # the body's token budget in the prompt (decoder tokenizer); the template adds a fixed overhead
+BODY_TOKENS = 128  # the body's token budget in the prompt (decoder tokenizer); the template adds a fixed overhead
 SYSTEM_PROMPT = "You are a news editor. You write short, accurate headlines."
 HEADLINE_INSTRUCTION = "Write a headline for this BBC News article.\n"  # one "\n": a token boundary either way
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -102,13 +104,19 @@ def headline_prompt(tokenizer, body: str, max_body_tokens: int = BODY_TOKENS) ->
 
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean ROUGE-1 / ROUGE-2 / ROUGE-L F1 of ``predictions`` against ``references`` (one reference each).
+    """Mean ROUGE-1 / ROUGE-2 / ROUGE-L F1 of ``predictions`` against ``references`` (one reference each); see
+    ``rouge_per_example``. Returns ``{"rouge1": ..., "rouge2": ..., "rougeL": ...}`` in [0, 1]."""
+    per_example = rouge_per_example(predictions, references)
+    return {key: sum(values) / len(values) for key, values in per_example.items()}
+
+
+def rouge_per_example(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """ROUGE-1 / ROUGE-2 / ROUGE-L F1 of each prediction against its reference (for paired tests).
 
     ROUGE (Lin 2004, "ROUGE: A Package for Automatic Evaluation of Summaries"): n-gram overlap (ROUGE-N) and
     longest common subsequence (ROUGE-L) between candidate and reference, here as F1, averaged over the
     examples; computed by ``rouge_score.rouge_scorer`` with ``use_stemmer=True`` (lower-cased, non-alphanumeric
-    characters dropped, Porter-stemmed). Returns ``{"rouge1": ..., "rouge2": ..., "rougeL": ...}`` in [0, 1].
-    An empty prediction is allowed (it scores 0).
+    characters dropped, Porter-stemmed). An empty prediction is allowed (it scores 0).
     """
     for name, values in (("predictions", predictions), ("references", references)):
         if isinstance(values, str) or not isinstance(values, (list, tuple)):
@@ -124,9 +132,5 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     from rouge_score import rouge_scorer  # imported here: only the headline task needs it
 
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
-    for prediction, reference in zip(predictions, references):
-        scores = scorer.score(reference, prediction)  # score(target, prediction)
-        for key in ROUGE_TYPES:
-            totals[key] += scores[key].fmeasure
-    return {key: total / len(predictions) for key, total in totals.items()}
+    scores = [scorer.score(reference, prediction) for prediction, reference in zip(predictions, references)]
+    return {key: [s[key].fmeasure for s in scores] for key in ROUGE_TYPES}  # score(target, prediction)

@@ -128,6 +128,10 @@ def render_task(path) -> dict[str, Path]:
     ``comparison.png`` next to it; returns their paths. The json is the record; these are remade from it."""
     path = Path(path)
     record = load_record(path)
+    if record["results"][0].metric != "accuracy":  # a generation task (ROUGE)
+        from .generation_report import render_generation
+
+        return render_generation(path)
     results, labels, m = record["results"], record_labels(record), record.get("machine")
     paths = {"md": path.with_suffix(".md"), "png": path.with_suffix(".png")}
     r0 = results[0]
@@ -172,7 +176,8 @@ def load_all(results_dir="results") -> tuple[dict[str, dict], dict | None]:
     """({task: record} for every ``<results_dir>/<task>/comparison.json``, the costs record or None)."""
     root = Path(results_dir)
     records = {p.parent.name: load_record(p) for p in sorted(root.glob("*/comparison.json"))}
-    records = {task: rec for task, rec in records.items() if rec["task"] == task}  # results/<task>/ only
+    records = {task: rec for task, rec in records.items()  # results/<task>/ only, classification (accuracy) only
+               if rec["task"] == task and rec["results"][0].metric == "accuracy"}
     costs = root / "costs.json"
     return records, (json.loads(costs.read_text()) if costs.exists() else None)
 

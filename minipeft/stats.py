@@ -114,7 +114,13 @@ def paired_bootstrap(correct_a, correct_b, n_boot: int = 10_000, seed: int = 0,
     """(difference, low, high): accuracy of A − accuracy of B (mean over seeds and examples) and its ``level``
     percentile interval over ``n_boot`` resamples of the examples (each example's seeds stay together)."""
     a, b = _paired(correct_a, correct_b)
-    per_example = (a - b).mean(axis=0)  # (N,): the difference on each example, averaged over seeds
+    return bootstrap_mean((a - b).mean(axis=0), n_boot, seed, level)  # each example's difference, seed-averaged
+
+
+def bootstrap_mean(per_example, n_boot: int = 10_000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of ``per_example`` (N,) and its ``level`` percentile interval over ``n_boot``
+    resamples of the N examples with replacement."""
+    per_example = np.asarray(per_example, dtype=np.float64)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, per_example.size, size=(n_boot, per_example.size))
     means = per_example[idx].mean(axis=1)
@@ -149,6 +155,33 @@ def compare(correct_a, correct_b, alpha: float = ALPHA, n_boot: int = 10_000, se
     diff, low, high = paired_bootstrap(correct_a, correct_b, n_boot=n_boot, seed=seed, level=1 - alpha)
     b, c, p = mcnemar_exact(correct_a, correct_b)
     return Comparison(diff, low, high, b, c, p, verdict_of(p, low, high, alpha))
+
+
+@dataclass
+class ScoreComparison:
+    """A against B on per-example scores in [0, 1] (a generation task's ROUGE-L F1), same examples and seeds."""
+    difference: float        # mean score of A − mean score of B
+    low: float               # bootstrap interval of the difference
+    high: float
+    p_t: float               # paired t-test over the examples
+    verdict: str             # "better" / "within noise" / "worse"
+
+
+def compare_scores(scores_a, scores_b, alpha: float = ALPHA, n_boot: int = 10_000, seed: int = 0) -> ScoreComparison:
+    """Paired comparison of per-example scores (S, N) or (N,): each example's difference d_i, averaged over seeds;
+    the bootstrap interval of mean(d) (``bootstrap_mean``) and the paired t-test over the N examples (Student
+    1908: t = mean(d) / (sd(d) / √N), N − 1 degrees of freedom); the verdict as ``verdict_of`` with p_t."""
+    a, b = np.atleast_2d(np.asarray(scores_a, dtype=np.float64)), np.atleast_2d(np.asarray(scores_b, dtype=np.float64))
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need the same shape (seeds, examples), got {a.shape} and {b.shape}")
+    d = (a - b).mean(axis=0)
+    diff, low, high = bootstrap_mean(d, n_boot, seed, 1 - alpha)
+    sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
+    if sd == 0.0:
+        p = 1.0 if diff == 0 else 0.0
+    else:
+        p = 1.0 - t_cdf_two_sided(diff / (sd / math.sqrt(d.size)), d.size - 1)
+    return ScoreComparison(diff, low, high, p, verdict_of(p, low, high, alpha))
 
 
 def verdict(correct_a, correct_b, alpha: float = ALPHA, n_boot: int = 10_000, seed: int = 0) -> str:

@@ -115,6 +115,32 @@ class Budget:
         """``fast()`` when ``MINIPEFT_FAST=1``, else ``lesson()``."""
         return cls.fast() if is_fast() else cls.lesson()
 
+    @classmethod
+    def generation(cls) -> "Budget":
+        """The lessons' budget on a generation task (``headline``): 160 articles x 1 epoch at batch 8 (20 steps),
+        the body cut to 128 tokens (``max_length``), 32 validation articles, the whole test split (300)."""
+        from .generation_tasks import BODY_TOKENS
+
+        return cls(max_train=160, max_eval=32, max_test=None, epochs=1, batch_size=8, max_length=BODY_TOKENS,
+                   eval_batch_size=16, timing_warmup_steps=1)
+
+    @classmethod
+    def generation_fast(cls) -> "Budget":
+        """CI's budget on a generation task: the same code paths on a handful of short articles."""
+        return cls(max_train=8, max_eval=4, max_test=4, epochs=1, batch_size=4, max_length=24, eval_batch_size=4,
+                   timing_warmup_steps=1)
+
+    @classmethod
+    def for_task(cls, task: str, fast: bool | None = None) -> "Budget":
+        """The budget ``task`` is trained with: generation (``headline``) or classification, fast when ``fast``
+        (default: ``MINIPEFT_FAST=1``)."""
+        from .generation_tasks import GENERATION_TASKS
+
+        fast = is_fast() if fast is None else fast
+        if task in GENERATION_TASKS:
+            return cls.generation_fast() if fast else cls.generation()
+        return cls.fast() if fast else cls.lesson()
+
 
 # ---- counting ------------------------------------------------------------------------------------------------
 
@@ -181,8 +207,8 @@ class Result:
     seed: int
     lr: float
     budget: dict
-    val_acc: list[float]            # one per epoch
-    test_acc: float
+    val_acc: list[float]            # one per epoch, in ``metric``
+    test_acc: float                 # in ``metric`` (accuracy, or ROUGE-L F1 on a generation task)
     losses: list[float]             # training loss per step
     steps: int
     sec_per_step: float             # median over the steps after budget.timing_warmup_steps
@@ -198,7 +224,10 @@ class Result:
     stored_pct: float
     device: str
     versions: dict = field(default_factory=dict)
-    test_predictions: list[int] = field(default_factory=list)  # per test example, in split order (paired tests)
+    test_predictions: list = field(default_factory=list)  # per test example, in split order (paired tests):
+    #                                                       a label, or a generated text on a generation task
+    metric: str = "accuracy"        # what val_acc and test_acc measure: "accuracy", or "rougeL" (ROUGE-L F1)
+    test_scores: dict = field(default_factory=dict)  # a generation task's ROUGE-1/2/L on the test split
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,7 +235,7 @@ class Result:
     @classmethod
     def from_dict(cls, d: dict) -> "Result":
         names = {f.name for f in fields(cls)}
-        missing = names - set(d) - {"versions", "test_predictions"}  # older records lack the last two
+        missing = names - set(d) - {"versions", "test_predictions", "metric", "test_scores"}  # newer fields
         if missing:
             raise ValueError(f"not a Result record: missing fields {sorted(missing)}")
         return cls(**{k: d[k] for k in names if k in d})
