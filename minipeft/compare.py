@@ -196,6 +196,7 @@ FULL_COMMAND = (f"python -m minipeft compare --tasks {' '.join(FULL_TASKS)} --se
 def main(argv=None) -> list[Result]:
     """The default profile (every method, seed 0, ``topic``, into runs/) is ``make compare``; the committed
     results/ come from ``FULL_COMMAND`` (``make results``)."""
+    from .generation_report import generation_table
     from .generation_tasks import GENERATION_TASKS
     from .generation_train import GENERATION_LRS, planned_runs
     from .tasks import TASKS
@@ -209,7 +210,7 @@ def main(argv=None) -> list[Result]:
                    help=f"default: {' '.join(QUICK_TASKS)}; available: {' '.join(all_tasks)} (generation: "
                         f"{' '.join(GENERATION_TASKS)}, with the methods {' '.join(GENERATION_LRS)})")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--fast", action="store_true", help="the CI budget (Budget.fast()); also MINIPEFT_FAST=1")
+    p.add_argument("--fast", action="store_true", help="the CI budget (Budget.for_task(task, fast=True)); also MINIPEFT_FAST=1")
     p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
                    help=f"default: the compared methods ({' '.join(in_lesson_order())}); lesson 06's ablations: "
                         f"{' '.join(sorted(set(in_lesson_order(True)) - set(in_lesson_order())))}")
@@ -234,20 +235,14 @@ def main(argv=None) -> list[Result]:
                for t in args.tasks}  # checked before any training
     started, everything = machine(), []
     for task in args.tasks:
-        out, budget = Path(args.out) / task, budgets[task]
-        if task in GENERATION_TASKS:
-            planned = planned_runs(args.methods, args.seeds)
-        else:
-            planned = len(args.methods or in_lesson_order()) * len(args.seeds)
+        out, budget, generation = Path(args.out) / task, budgets[task], task in GENERATION_TASKS
+        planned = (planned_runs(args.methods, args.seeds) if generation
+                   else len(args.methods or in_lesson_order()) * len(args.seeds))
         results = run_comparison(args.methods, task, args.seeds, budget, quiet=args.quiet,
                                  on_result=lambda rs: write_results(rs, out, command, planned, started, earlier[task]))
         paths = write_results(results, out, command, started=started, earlier=earlier[task])
-        if task in GENERATION_TASKS:
-            from .generation_report import generation_table
-
-            print(f"## {task}\n" + generation_table(results, test_labels(task, budget)))
-        else:
-            print(f"## {task}\n" + markdown_table(results, test_labels(task, budget)))
+        table = generation_table if generation else markdown_table
+        print(f"## {task}\n" + table(results, test_labels(task, budget)))
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         everything += results
     return everything

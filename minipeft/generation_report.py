@@ -59,10 +59,15 @@ def fmt_rouge(row: dict) -> str:
     return f"{100 * row['rougeL']:.1f}" + ("" if math.isnan(row["half_width"]) else f" ± {100 * row['half_width']:.1f}")
 
 
+def fmt_p(p: float) -> str:
+    """"p=0.023", or "p<0.0001" (below that, the t distribution's tail is lost in float rounding anyway)."""
+    return "p<0.0001" if p < 1e-4 else f"p={p:.2g}"
+
+
 def fmt_vs(c: ScoreComparison | None) -> str:
     if c is None:
         return "—"
-    return f"{100 * c.difference:+.1f} [{100 * c.low:+.1f}, {100 * c.high:+.1f}], p={c.p_t:.2g}: {c.verdict}"
+    return f"{100 * c.difference:+.1f} [{100 * c.low:+.1f}, {100 * c.high:+.1f}], {fmt_p(c.p_t)}: {c.verdict}"
 
 
 def generation_table(results: list[Result], references: list[str] | None = None) -> str:
@@ -70,12 +75,14 @@ def generation_table(results: list[Result], references: list[str] | None = None)
     head = ("| method | lr | trainable | % trained | % stored | ROUGE-L (95% CI) | ROUGE-1 | ROUGE-2 "
             "| vs zero-shot: Δ ROUGE-L [95% CI], paired t p | s/step | run s (train + eval) | training MiB, measured |\n"
             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|\n")
-    return head + "".join(
-        f"| {r['method']} | {r['lr']:g} | {r['trainable']:,} | {r['trainable_pct']:.3g} | {r['stored_pct']:.3g} "
-        f"| {fmt_rouge(r)} | {100 * r['rouge1']:.1f} | {100 * r['rouge2']:.1f} | {fmt_vs(r['vs_zero_shot'])} "
-        f"| {'—' if math.isnan(r['sec_per_step']) else round(r['sec_per_step'], 1)} "
-        f"| {r['run_seconds']:.0f} | {r['training_memory_mb']:.0f} |\n"
-        for r in generation_rows(results, references))
+    lines = []
+    for r in generation_rows(results, references):
+        lr = f"{r['lr']:g}" if r["lr"] else "—"  # zero-shot trains nothing
+        step = "—" if math.isnan(r["sec_per_step"]) else f"{r['sec_per_step']:.1f}"
+        lines.append(f"| {r['method']} | {lr} | {r['trainable']:,} | {r['trainable_pct']:.3g} | {r['stored_pct']:.3g} "
+                     f"| {fmt_rouge(r)} | {100 * r['rouge1']:.1f} | {100 * r['rouge2']:.1f} | {fmt_vs(r['vs_zero_shot'])} "
+                     f"| {step} | {r['run_seconds']:.0f} | {r['training_memory_mb']:.0f} |\n")
+    return head + "".join(lines)
 
 
 def plot_generation(results: list[Result], path) -> None:

@@ -10,10 +10,10 @@ Source: the BBC News corpus (Greene & Cunningham 2006) as shipped by ``corpus4cl
 * Splits: one shuffle with ``tasks.SPLIT_SEED`` (the classification tasks' seed); the first ``TEST_SIZE`` (300)
   articles are test, the next ``VALIDATION_SIZE`` (200) validation, train is the rest (about 1,600).
   ``max_train`` / ``max_eval`` / ``max_test`` keep the first n of each (already shuffled) split.
-* Prompt (``headline_prompt``): the body is cut to its first ``BODY_TOKENS`` (128, ``Budget.generation().max_length``)
-  tokens of the decoder's tokenizer (the lead paragraphs, where a news story states its point), then wrapped in the instruct model's
-  chat template: a system message, a user message ``HEADLINE_INSTRUCTION`` + body, and the opened assistant turn
-  (``add_generation_prompt=True``); the model's reply is the headline.
+* Prompt (``headline_prompt``): the body is cut to its first ``BODY_TOKENS`` (128) tokens of the decoder's
+  tokenizer (the lead paragraphs, where a news story states its point; ``Budget.generation().max_length``), then
+  wrapped in the instruct model's chat template: a system message, a user message ``HEADLINE_INSTRUCTION`` + body,
+  and the opened assistant turn (``add_generation_prompt=True``); the model's reply is the headline.
 * Metric (``rouge``): ROUGE-1, ROUGE-2 and ROUGE-L F1 (Lin 2004), means over the examples, computed with the
   standard ``rouge-score`` package (Porter stemming on, as in its reference setting for summaries).
 """

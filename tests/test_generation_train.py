@@ -15,6 +15,7 @@ from minipeft.generation_report import generation_rows
 from minipeft.generation_tasks import headline_prompt, load_headline, rouge, rouge_per_example
 from minipeft.generation_train import (GENERATION_LRS, IGNORE, build_lm, decoder_tokenizer, lm_collate, lm_examples,
                                        lm_loss, train_lm, write_headlines)
+from minipeft.report import load_all, render_task
 from minipeft.stats import compare_scores
 from minipeft.train import Budget, Result
 from helpers import TOL
@@ -143,3 +144,7 @@ def test_compare_headline_writes_a_rouge_table_paired_with_zero_shot(tmp_path, c
     assert abs(rows["lora"]["vs_zero_shot"].difference - expected) < 1e-12
     assert rows["zero_shot"]["vs_zero_shot"] is None
     assert "## headline" in capsys.readouterr().out
+    # report: the views are remade from the record; the design table (accuracy) leaves the ROUGE record out
+    (tmp_path / "headline" / "comparison.md").unlink()
+    assert render_task(tmp_path / "headline" / "comparison.json")["md"].read_text() == md
+    assert load_all(tmp_path) == ({}, None)
