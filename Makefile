@@ -23,7 +23,7 @@ compare: setup      # every method, seed 0, on `topic`, into runs/ (minutes: see
 # what results/ holds: 2 tasks x 3 seeds x (the 11 compared methods + lesson 06's 3 ablations; fusion on topic), the lessons'
 # sentiment baselines (full, head x 3 seeds), lesson 07's transfer study (results/fusion, ~45 min), lesson 09's
 # headline comparison (zero-shot, LoRA, prefix, MAM x 3 seeds, ~60 min), then the costs
-# and the table: about 5 hours on 2 cores
+# and the table: about 6 hours on 2 cores
 results: setup
 	$(PY) -m minipeft compare --tasks question topic --seeds 0 1 2 --out results --quiet
 	$(PY) -m minipeft compare --tasks question topic --methods adapter_lora sequential_ffn parallel_attn --seeds 0 1 2 --out results --add --quiet
