@@ -144,6 +144,10 @@ def train_lm(model: nn.Module, task: str = "headline", lr: float | None = None, 
     loader = DataLoader(examples, batch_size=budget.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed),
                         collate_fn=lambda b: lm_collate(b, tokenizer.pad_token_id))
+    def validation_rouge_l() -> float:
+        return rouge(write_headlines(model, dd["validation"]["body"], tokenizer, budget),
+                     list(dd["validation"]["headline"]))["rougeL"]
+
     model.to(device).train()
     epochs = budget.epochs if params else 0
     losses, step_times, val_scores = [], [], []
@@ -166,14 +170,12 @@ def train_lm(model: nn.Module, task: str = "headline", lr: float | None = None, 
                 step_times.append(time.perf_counter() - t0)
                 bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-            val_scores.append(rouge(write_headlines(model, dd["validation"]["body"], tokenizer, budget),
-                                    list(dd["validation"]["headline"]))["rougeL"])
+            val_scores.append(validation_rouge_l())
             bar.set_postfix(loss=f"{losses[-1]:.3f}", val_rougeL=f"{val_scores[-1]:.3f}")
         if params:
             bar.close()
     if not params:  # zero-shot: one validation score, of the model as it is
-        val_scores.append(rouge(write_headlines(model, dd["validation"]["body"], tokenizer, budget),
-                                list(dd["validation"]["headline"]))["rougeL"])
+        val_scores.append(validation_rouge_l())
     headlines = write_headlines(model, dd["test"]["body"], tokenizer, budget, progress=not quiet)
     scores = rouge(headlines, list(dd["test"]["headline"]))
 
