@@ -220,10 +220,15 @@ def main(argv=None) -> list[Result]:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     for task in args.tasks:  # fail before any training
-        allowed = list(GENERATION_LRS) if task in GENERATION_TASKS else sorted(METHODS)
-        unknown = [m for m in args.methods or [] if m not in allowed]
-        if unknown:
-            p.error(f"method(s) {unknown} cannot run on task {task!r}; allowed there: {allowed}")
+        if task in GENERATION_TASKS:
+            wrong = [m for m in args.methods or [] if m not in GENERATION_LRS]
+            if wrong:
+                p.error(f"method(s) {wrong} cannot run on the generation task {task!r}; allowed there: "
+                        f"{list(GENERATION_LRS)}")
+        else:
+            unknown = [m for m in args.methods or [] if m not in METHODS]
+            if unknown:
+                p.error(f"unknown method(s) {unknown}; registered methods: {sorted(METHODS)}")
     clash = [(m, t) for m in args.methods or [] for t in args.tasks if m in METHODS and t in METHODS[m].not_for_tasks]
     if clash:
         m, t = clash[0]

@@ -104,10 +104,14 @@ def test_bad_input_is_refused_clearly():
         build_lm("houlsby")
     with pytest.raises(ValueError, match="unknown generation task"):
         train_lm(build_lm("zero_shot"), "topic", None, FAST)
-    with pytest.raises(SystemExit):  # argparse: the method is not one of the task's
+
+def test_compare_refuses_a_method_the_task_cannot_run(capsys):
+    with pytest.raises(SystemExit):  # argparse: before any training
         compare_main(["--tasks", "headline", "--methods", "head", "--fast", "--out", "unused"])
+    assert "cannot run on the generation task 'headline'; allowed there: ['zero_shot'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         compare_main(["--tasks", "topic", "--methods", "zero_shot", "--fast", "--out", "unused"])
+    assert "unknown method(s) ['zero_shot']; registered methods:" in capsys.readouterr().err
 
 
 def test_budget_for_task():
