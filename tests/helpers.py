@@ -63,3 +63,18 @@ def assert_unchanged(model, before):
     assert after["state"].keys() == before["state"].keys(), "the model's state dict keys changed"
     changed = [k for k, v in after["state"].items() if not torch.equal(v, before["state"][k])]
     assert not changed, f"tensors changed: {changed[:5]}"
+
+
+def notebook_functions(name: str, folder: str, functions, prelude: str = "import math\nimport torch") -> dict:
+    """An exercise's functions as the notebook ``folder/name`` (solutions/ or exercises/) defines them: every code
+    cell that defines one of ``functions``, executed together after ``prelude`` (one may call another)."""
+    import nbformat
+
+    from minipeft.exercises import ROOT
+
+    nb = nbformat.read(ROOT / folder / name, as_version=4)
+    sources = [c.source for c in nb.cells if c.cell_type == "code"
+               and any(c.source.lstrip().startswith(f"def {f}(") for f in functions)]
+    namespace = {}
+    exec(prelude + "\n" + "\n\n".join(sources), namespace)  # noqa: S102
+    return {f: namespace[f] for f in functions}

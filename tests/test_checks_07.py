@@ -3,27 +3,19 @@ ways to write it) and reject the plausible mistakes with a message that names th
 with NotImplementedError."""
 import math
 
-import nbformat
 import pytest
 import torch
 
 from minipeft.checks.lesson07 import (check_fuse, check_fusion_in_model, check_fusion_parameters,
                                       check_fusion_scores, check_gap_from_average, check_key_bias_shift)
-from minipeft.exercises import ROOT
+from helpers import notebook_functions
 
 NAME = "07_adapterfusion.ipynb"
 FUNCTIONS = ("fusion_scores", "fuse", "fusion_delta", "key_bias_shift", "gap_from_average", "fusion_parameters")
 
 
 def functions_from(folder: str) -> dict:
-    """The exercise's functions as defined in a notebook of ``folder`` (solutions/ or exercises/): every cell that
-    defines one of them, executed together (fuse calls fusion_scores, fusion_delta calls fuse)."""
-    nb = nbformat.read(ROOT / folder / NAME, as_version=4)
-    sources = [c.source for c in nb.cells if c.cell_type == "code"
-               and any(c.source.lstrip().startswith(f"def {f}(") for f in FUNCTIONS)]
-    namespace = {}
-    exec("import torch\n" + "\n\n".join(sources), namespace)  # noqa: S102
-    return {f: namespace[f] for f in FUNCTIONS}
+    return notebook_functions(NAME, folder, FUNCTIONS)
 
 
 SOLUTION = functions_from("solutions")

@@ -3,27 +3,20 @@ another right way to write it) and reject the plausible mistakes with a message 
 exercise stops with NotImplementedError."""
 import math
 
-import nbformat
 import pytest
 import torch
 import torch.nn.functional as F
 
 from minipeft.checks.lesson09 import (MISTAKES, check_cached_attention, check_cached_decoding, check_kv_cache_numbers,
                                       check_rope, mistaken_attention)
-from minipeft.exercises import ROOT
+from helpers import notebook_functions
 
 NAME = "09_generation.ipynb"
 FUNCTIONS = ("rope", "cached_attention", "kv_cache_numbers")
 
 
 def functions_from(folder: str) -> dict:
-    """The exercise's functions as a notebook of ``folder`` defines them (cached_attention calls rope)."""
-    nb = nbformat.read(ROOT / folder / NAME, as_version=4)
-    sources = [c.source for c in nb.cells if c.cell_type == "code"
-               and any(c.source.lstrip().startswith(f"def {f}(") for f in FUNCTIONS)]
-    namespace = {}
-    exec("import math\nimport torch\n" + "\n\n".join(sources), namespace)  # noqa: S102
-    return {f: namespace[f] for f in FUNCTIONS}
+    return notebook_functions(NAME, folder, FUNCTIONS)
 
 
 SOLUTION = functions_from("solutions")
