@@ -23,7 +23,8 @@ BASELINE = "zero_shot"
 
 
 def paired_scores(runs: list[Result], baseline: list[Result], references: list[str]) -> ScoreComparison | None:
-    """ROUGE-L of ``runs`` vs ``baseline`` per test article, seed s with the baseline's seed s (or its only run)."""
+    """ROUGE-L of ``runs`` vs ``baseline`` (any other method's runs) per test article, seed s with the baseline's
+    seed s (or its first run: zero-shot has one)."""
     if not runs or not baseline or not all(r.test_predictions for r in runs + baseline):
         return None
     by_seed = {r.seed: r for r in baseline}
@@ -45,7 +46,6 @@ def generation_rows(results: list[Result], references: list[str] | None = None, 
             "rougeL": mean, "half_width": half, "rougeLs": [r.test_acc for r in rs],
             "rouge1": statistics.mean(r.test_scores["rouge1"] for r in rs),
             "rouge2": statistics.mean(r.test_scores["rouge2"] for r in rs),
-            "val_rougeL": statistics.mean(r.val_acc[-1] for r in rs),
             "vs_zero_shot": None if name == baseline or references is None
             else paired_scores(rs, groups.get(baseline, []), references),
             "sec_per_step": statistics.median(steps) if steps else math.nan,

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbones.contract import find_backbone
 from .generation import generate
 from .generation_tasks import GENERATION_TASKS, HEADLINE_NEW_TOKENS, headline_prompt, load_headline, rouge
 from .train import (Budget, PeakMemory, Result, backbone_parameter_count, count_parameters, default_device,
@@ -95,8 +96,6 @@ def lm_collate(examples: list[dict], pad_id: int) -> dict:
 def lm_loss(model: nn.Module, batch: dict, device) -> torch.Tensor:
     """The masked conditional LM loss (module docstring): hidden state t predicts token t + 1, scored only where
     token t + 1 is a headline token; logits only at those positions."""
-    from .backbones.contract import find_backbone
-
     ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
     hidden = model(ids, batch["attention_mask"].to(device))  # (B, T, d)
     scored = labels[:, 1:] != IGNORE  # (B, T - 1)
@@ -120,15 +119,39 @@ def write_headlines(model: nn.Module, bodies, tokenizer, budget: Budget, progres
 
 # ---- the loop ------------------------------------------------------------------------------------------------
 
+def lm_epochs(model, params, lr, loader, budget: Budget, device, validate, desc: str, quiet: bool = False):
+    """``budget.epochs`` passes of the masked LM loss over ``loader`` (AdamW, warm-up and decay, clipping, as
+    ``minipeft.train``); returns the loss and seconds of every step and ``validate()`` after each epoch."""
+    from tqdm import tqdm
+
+    opt, sched = make_optimizer(params, lr, budget, total_steps=budget.epochs * len(loader))
+    losses, step_times, val_scores = [], [], []
+    bar = tqdm(total=budget.epochs * len(loader), disable=quiet, desc=desc, mininterval=2.0)
+    for _ in range(budget.epochs):
+        for batch in loader:
+            t0 = time.perf_counter()
+            loss = lm_loss(model, batch, device)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, budget.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step_times.append(time.perf_counter() - t0)
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        val_scores.append(validate())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", val_rougeL=f"{val_scores[-1]:.3f}")
+    bar.close()
+    return losses, step_times, val_scores
+
+
 def train_lm(model: nn.Module, task: str = "headline", lr: float | None = None, budget: Budget | None = None,
              seed: int = 0, method: str = "", config: dict | None = None, quiet: bool = False, tokenizer=None,
              device=None) -> Result:
     """Train ``model``'s trainable parameters (none: zero-shot, evaluation only) on generation ``task`` with the
     masked LM loss; score validation after each epoch and the test split at the end by ROUGE; return a Result."""
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    from .backbones.contract import find_backbone
 
     if task not in GENERATION_TASKS:
         raise ValueError(f"unknown generation task {task!r}; available: {list(GENERATION_TASKS)}")
@@ -140,42 +163,22 @@ def train_lm(model: nn.Module, task: str = "headline", lr: float | None = None, 
     seed_everything(seed)
     device = torch.device(device) if device is not None else default_device()
     dd = load_headline(budget.max_train, budget.max_eval, budget.max_test)
-    examples = lm_examples(dd["train"], tokenizer, budget.max_length)
-    loader = DataLoader(examples, batch_size=budget.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed),
+    loader = DataLoader(lm_examples(dd["train"], tokenizer, budget.max_length), batch_size=budget.batch_size,
+                        shuffle=True, generator=torch.Generator().manual_seed(seed),
                         collate_fn=lambda b: lm_collate(b, tokenizer.pad_token_id))
+
     def validation_rouge_l() -> float:
         return rouge(write_headlines(model, dd["validation"]["body"], tokenizer, budget),
                      list(dd["validation"]["headline"]))["rougeL"]
 
     model.to(device).train()
-    epochs = budget.epochs if params else 0
-    losses, step_times, val_scores = [], [], []
     start = time.perf_counter()
     with PeakMemory(device) as mem:
         if params:
-            opt, sched = make_optimizer(params, lr, budget, total_steps=epochs * len(loader))
-            bar = tqdm(total=epochs * len(loader), disable=quiet, desc=f"{method or 'train'} on {task}",
-                       mininterval=2.0)
-        for _ in range(epochs):
-            for batch in loader:
-                t0 = time.perf_counter()
-                loss = lm_loss(model, batch, device)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, budget.grad_clip)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                step_times.append(time.perf_counter() - t0)
-                bar.update()
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-            val_scores.append(validation_rouge_l())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", val_rougeL=f"{val_scores[-1]:.3f}")
-        if params:
-            bar.close()
-    if not params:  # zero-shot: one validation score, of the model as it is
-        val_scores.append(validation_rouge_l())
+            losses, step_times, val_scores = lm_epochs(model, params, lr, loader, budget, device, validation_rouge_l,
+                                                       desc=f"{method or 'train'} on {task}", quiet=quiet)
+        else:  # zero-shot: one validation score, of the model as it is
+            losses, step_times, val_scores = [], [], [validation_rouge_l()]
     headlines = write_headlines(model, dd["test"]["body"], tokenizer, budget, progress=not quiet)
     scores = rouge(headlines, list(dd["test"]["headline"]))
 

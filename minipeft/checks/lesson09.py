@@ -30,6 +30,7 @@ from functools import lru_cache
 import torch
 
 from ..backbones.decoder import LayerKV, rotary, rotate_half
+from ..generation_train import decoder_tokenizer as tokenizer
 from . import call, fail, max_error, need_int, passed
 
 TOL = 1e-4  # relative to the largest reference value; see the module docstring
@@ -44,13 +45,6 @@ def decoder():
     from ..backbones.decoder import Decoder
 
     return Decoder.from_pretrained().eval()
-
-
-@lru_cache(maxsize=1)
-def tokenizer():
-    from ..backbones.decoder import load_decoder_tokenizer
-
-    return load_decoder_tokenizer()
 
 
 # ---- the package's answers ------------------------------------------------------------------------------------
