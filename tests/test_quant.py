@@ -12,6 +12,7 @@ from minipeft import LoRAConfig, add_adapter, merge_adapter, train_adapter
 from minipeft import quant as Q
 from minipeft.backbones.decoder import Decoder, DecoderConfig
 from helpers import assert_unchanged, perturb, structure
+from test_decoder_methods import CONFIGS  # one example config per method, as the decoder's conformance suite
 
 LINEARS = ["q", "k", "v", "o", "gate", "up", "down"]
 # 128·200 weights in gate/up/down = 400 blocks of 64: two 2nd-level blocks of 256, the last one partial
@@ -233,6 +234,23 @@ def test_qlora_equals_lora_on_the_dequantized_decoder(qlora, small, tokens):
         ours, ref, base = logits(qlora, tokens), logits(reference, tokens), logits(small, tokens)
     assert relative_gap(ours, ref, tokens) <= 1e-5
     assert relative_gap(ours, base, tokens) > 1e-2  # quantization and LoRA change the logits
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_every_method_attaches_to_the_4bit_decoder_unchanged(small, tokens, method):
+    """Linear4bit is an nn.Linear to the backbone contract: each method, seeded alike, computes on the 4-bit
+    decoder exactly what it computes on the fp32 decoder holding the dequantized weights."""
+    outputs = []
+    for dequantize in (False, True):
+        model = Q.quantize_linears(copy.deepcopy(small))
+        if dequantize:
+            Q.dequantize_linears(model)
+        torch.manual_seed(5)
+        add_adapter(model, copy.deepcopy(CONFIGS[method]), "a")
+        perturb(model, "a")
+        with torch.no_grad():
+            outputs.append(model(tokens["input_ids"], tokens["attention_mask"]))
+    assert torch.equal(*outputs)
 
 
 def test_qlora_trains_only_lora(qlora, tokens):
