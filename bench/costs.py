@@ -15,7 +15,6 @@ Ratios, not absolute times, are comparable across runs; the file records the mac
 from __future__ import annotations
 
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from common import bench_arguments, inference, interleaved_medians, pin_threads,
 from minipeft.api import adapter_modules, for_inference
 from minipeft.backbones.encoder import Encoder
 from minipeft.compare import build_model, in_lesson_order, machine
+from minipeft.report import check_output_dir, read_json, write_atomic, write_json
 
 SHAPES = {"batch 1": 1, "batch 32": 32}
 
@@ -86,6 +86,12 @@ def main(argv=None):
     ap.add_argument("--check", default=None, help="a committed costs.json to compare this run's ratios with")
     args = ap.parse_args(argv)
     pin_threads(args.threads)
+    try:  # the files, before minutes of measuring
+        if args.out:
+            check_output_dir(Path(args.out).parent, (Path(args.out).name, Path(args.out).with_suffix(".md").name))
+        committed = read_json(args.check) if args.check else None
+    except ValueError as e:
+        ap.error(str(e))
     methods = args.methods or in_lesson_order()
     if "full" not in methods:
         methods = ["full"] + methods
@@ -101,13 +107,13 @@ def main(argv=None):
     print(f"load average (1, 5, 15 min): start {started['load_average']}, end {record['machine']['load_average']['end']}")
     if args.out:
         out = Path(args.out)
-        out.write_text(json.dumps(record, indent=1) + "\n")
-        out.with_suffix(".md").write_text(
+        write_json(out, record)
+        write_atomic(out.with_suffix(".md"),
             f"# Costs, measured side by side\n\n{markdown(record)}\nCommand: `{record['command']}`; training step on "
             f"32 x {args.seq} tokens, median of {args.repeats} round-robin repeats; inference median of "
             f"{3 * args.repeats}. Machine: {record['machine']}\n")
     if args.check:
-        check(json.loads(Path(args.check).read_text()), record)
+        check(committed, record)
     return record
 
 

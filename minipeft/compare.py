@@ -17,7 +17,6 @@ method, task and seed give the same numbers everywhere.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from dataclasses import asdict
@@ -27,6 +26,7 @@ from typing import Callable
 from .api import apply_recipe
 from .core import RECIPES, Recipe, get_recipe, register_recipe
 from .report import markdown_table, plot, render_task, summarise  # noqa: F401  (lessons read them here)
+from .report import check_output_dir, read_record, write_json
 from .train import Budget, Result, SequenceClassifier, seed_everything, train
 
 
@@ -40,6 +40,35 @@ def in_lesson_order(ablations: bool = False) -> list[str]:
     return [n for n in sorted(RECIPES, key=lambda name: RECIPES[name].lesson) if ablations or not RECIPES[n].ablation]
 
 
+def check_runs(methods, tasks) -> None:
+    """Refuse, before any model is built, a run that cannot be made: an unknown task or method, a method that
+    does not run on a generation task, or a method on a task it must not be compared on (``Recipe.not_for_tasks``:
+    fusion's source adapters were trained on those tasks, so it would be no transfer). ``methods``: names or
+    recipes. The one check of (method, task) pairs: compare, train (``distributed.main``) and ``build_model``."""
+    from .generation_tasks import GENERATION_TASKS
+    from .generation_train import GENERATION_LRS
+    from .tasks import TASKS
+
+    names = [m if isinstance(m, str) else m.name for m in methods]
+    for task in tasks:
+        if task in GENERATION_TASKS:
+            wrong = [m for m in names if m not in GENERATION_LRS]
+            if wrong:
+                raise ValueError(f"method(s) {wrong} cannot run on the generation task {task!r}; allowed there: "
+                                 f"{list(GENERATION_LRS)}")
+            continue
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; available tasks: {sorted(TASKS) + list(GENERATION_TASKS)}")
+        unknown = [m for m in methods if isinstance(m, str) and m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; registered methods: {sorted(METHODS)}")
+        for spec in (METHODS[m] if isinstance(m, str) else m for m in methods):
+            if task in spec.not_for_tasks:
+                raise ValueError(f"method {spec.name!r} cannot run on task {task!r}: it is built from adapters "
+                                 f"trained on {list(spec.not_for_tasks)}, no transfer on their own tasks; choose "
+                                 "another task")
+
+
 def build_model(spec: MethodSpec | str, task: str = "sentiment", seed: int = 0, encoder=None,
                 size=None) -> SequenceClassifier:
     """Seed, load the pretrained encoder (or use ``encoder``), add a head for ``task``, apply the recipe (its
@@ -48,8 +77,9 @@ def build_model(spec: MethodSpec | str, task: str = "sentiment", seed: int = 0, 
     from .tasks import TASKS
 
     spec = get_method(spec) if isinstance(spec, str) else spec
-    if task not in TASKS:
+    if task not in TASKS:  # a classifier needs a classification task
         raise ValueError(f"unknown task {task!r}; available tasks: {sorted(TASKS)}")
+    check_runs([spec], [task])
     seed_everything(seed)
     model = SequenceClassifier(encoder or Encoder.from_pretrained(), num_labels=len(TASKS[task].label_names))
     return apply_recipe(model, spec, size)
@@ -94,8 +124,8 @@ def recorded_runs(methods=("full", "head"), task: str = "sentiment", budget: Bud
     path = Path(results_dir) / task / "comparison.json"
     recorded: dict[str, list[Result]] = {}
     if path.exists():
-        record = json.loads(path.read_text())
-        if record.get("budget") == asdict(budget):
+        record = read_record(path)
+        if record["budget"] == asdict(budget):
             for d in record["results"]:
                 recorded.setdefault(d["method"], []).append(Result.from_dict(d))
     runs = {}
@@ -164,28 +194,45 @@ def write_results(results: list[Result], out_dir, command: str, planned: int | N
         rerun = {(r.method, r.seed) for r in results}
         kept = [d for d in earlier["results"] if (d["method"], d["seed"]) not in rerun]
         record = {**earlier, "added": earlier.get("added", []) + [this], "results": kept + record["results"]}
-    path = out / "comparison.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    path = write_json(out / "comparison.json", record)  # whole or not at all: a reader never sees half a file
     return {"json": path, **render_task(path)}
 
 
 def load_results(path) -> list[Result]:
-    return [Result.from_dict(d) for d in json.loads(Path(path).read_text())["results"]]
+    return [Result.from_dict(d) for d in read_record(path)["results"]]
 
 
 def earlier_record(path: Path, task: str, budget: Budget) -> dict | None:
-    """The record ``--add`` extends (None if there is none yet); refuse one made with another task or budget,
-    whose runs could not be compared with the new ones."""
+    """The record ``--add`` extends (None if there is none yet); ``ValueError`` for one that cannot be read or was
+    made with another task or budget (its runs could not be compared with the new ones)."""
     if not path.exists():
         return None
-    record = json.loads(path.read_text())
-    if record.get("task") != task or record.get("budget") != asdict(budget):
-        raise SystemExit(f"--add: {path} holds task {record.get('task')!r} with budget {record.get('budget')}; "
-                         f"this command trains {task!r} with {asdict(budget)}: runs with another budget cannot be "
-                         "added to it (choose another --out)")
+    record = read_record(path)
+    if record["task"] != task or record["budget"] != asdict(budget):
+        raise ValueError(f"--add: {path} holds task {record['task']!r} with budget {record['budget']}; this "
+                         f"command trains {task!r} with {asdict(budget)}: runs with another budget cannot be added "
+                         "to it (choose another --out)")
     return record
+
+
+RECORD_FILES = ("comparison.json", "comparison.md", "comparison.png")  # what write_results writes per task
+
+
+class Once(argparse.Action):
+    """An option given at most once, its values without repeats: ``--seeds 0 --seeds 1`` would silently run seed
+    1 only, ``--seeds 0 0`` seed 0 twice (one run replacing the other in the record)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, "_given_" + self.dest, False):
+            parser.error(f"argument {'/'.join(self.option_strings)}: given twice; list all its values after one "
+                         f"{option_string}")
+        setattr(namespace, "_given_" + self.dest, True)
+        if isinstance(values, list):
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                parser.error(f"argument {option_string}: {repeated} given more than once; each is run once, "
+                             "list it once")
+        setattr(namespace, self.dest, values)
 
 
 QUICK_TASKS, FULL_TASKS, FULL_SEEDS = ["topic"], ["question", "topic"], [0, 1, 2]
@@ -207,37 +254,32 @@ def main(argv=None) -> list[Result]:
                                             f"results/ is made by: {FULL_COMMAND}")
     all_tasks = sorted(TASKS) + list(GENERATION_TASKS)
     p.add_argument("--tasks", "--task", nargs="+", default=QUICK_TASKS, choices=all_tasks, metavar="TASK",
+                   action=Once,
                    help=f"default: {' '.join(QUICK_TASKS)}; available: {' '.join(all_tasks)} (generation: "
                         f"{' '.join(GENERATION_TASKS)}, with the methods {' '.join(GENERATION_LRS)})")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], action=Once)
     p.add_argument("--fast", action="store_true", help="the CI budget (Budget.for_task(task, fast=True)); also MINIPEFT_FAST=1")
-    p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+    p.add_argument("--methods", nargs="+", default=None, metavar="NAME", action=Once,
                    help=f"default: the compared methods ({' '.join(in_lesson_order())}); lesson 06's ablations: "
                         f"{' '.join(sorted(set(in_lesson_order(True)) - set(in_lesson_order())))}")
-    p.add_argument("--out", default="runs", help="output folder, one sub-folder per task (default runs/)")
+    p.add_argument("--out", default="runs", action=Once, help="output folder, one sub-folder per task (default runs/)")
     p.add_argument("--add", action="store_true",
                    help="add these runs to <out>/<task>/comparison.json (same budget) instead of replacing it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    for task in args.tasks:  # fail before any training
-        if task in GENERATION_TASKS:
-            wrong = [m for m in args.methods or [] if m not in GENERATION_LRS]
-            if wrong:
-                p.error(f"method(s) {wrong} cannot run on the generation task {task!r}; allowed there: "
-                        f"{list(GENERATION_LRS)}")
-        else:
-            unknown = [m for m in args.methods or [] if m not in METHODS]
-            if unknown:
-                p.error(f"unknown method(s) {unknown}; registered methods: {sorted(METHODS)}")
-    clash = [(m, t) for m in args.methods or [] for t in args.tasks if m in METHODS and t in METHODS[m].not_for_tasks]
-    if clash:
-        m, t = clash[0]
-        p.error(f"method {m!r} cannot be compared on task {t!r}: it is built from adapters trained on "
-                f"{list(METHODS[m].not_for_tasks)}; choose another task")
+    try:  # every check before any training; a refused command leaves the files as they were
+        check_runs(args.methods or [], args.tasks)
+    except ValueError as e:
+        p.error(str(e))
     budgets = {t: Budget.for_task(t, fast=True if args.fast else None) for t in args.tasks}
     command = "python -m minipeft compare" + ("" if not argv else " " + shlex.join(argv))
-    earlier = {t: earlier_record(Path(args.out) / t / "comparison.json", t, budgets[t]) if args.add else None
-               for t in args.tasks}  # checked before any training
+    try:
+        for task in args.tasks:
+            check_output_dir(Path(args.out) / task, RECORD_FILES)
+        earlier = {t: earlier_record(Path(args.out) / t / "comparison.json", t, budgets[t]) if args.add else None
+                   for t in args.tasks}
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     started, everything = machine(), []
     for task in args.tasks:
         out, budget, generation = Path(args.out) / task, budgets[task], task in GENERATION_TASKS

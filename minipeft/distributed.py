@@ -200,38 +200,45 @@ def main(argv=None) -> int:
     """``python -m minipeft train``: one registered recipe on one task; rank 0 writes the adapter and the Result."""
     import argparse
     import dataclasses
-    import json
     import shlex
     import sys
     from pathlib import Path
 
     from .api import save_adapter
+    from .compare import Once, check_runs
     from .core import RECIPES, get_recipe
+    from .generation_tasks import GENERATION_TASKS
+    from .report import check_output_dir, write_json
     from .tasks import TASKS
     from .train import Budget
 
     ap = argparse.ArgumentParser(prog="python -m minipeft train", description=(
         "Train one registered method on one task, in this process or in every process torchrun started "
         "(DistributedDataParallel over the trainable parameters; gloo on CPU, NCCL on CUDA)."))
-    ap.add_argument("--method", required=True, help=f"a registered recipe: {', '.join(sorted(RECIPES))}")
-    ap.add_argument("--task", default="sentiment", help=f"one of {', '.join(sorted(TASKS))}")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=None, help="default: the recipe's learning rate")
+    ap.add_argument("--method", required=True, action=Once, help=f"a registered recipe: {', '.join(sorted(RECIPES))}")
+    ap.add_argument("--task", default="sentiment", action=Once, help=f"one of {', '.join(sorted(TASKS))}")
+    ap.add_argument("--seed", type=int, default=0, action=Once)
+    ap.add_argument("--lr", type=float, default=None, action=Once, help="default: the recipe's learning rate")
     ap.add_argument("--fast", action="store_true", help="Budget.fast() (else Budget.from_env(): MINIPEFT_FAST)")
     for name in ("max_train", "max_eval", "max_test", "epochs", "batch_size", "max_length"):
-        ap.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=None, action=Once,
                         help="override the budget's " + name + (" (global: split over the processes)"
                                                                 if name == "batch_size" else ""))
     ap.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when there is a GPU")
     ap.add_argument("--bf16", action="store_true", help="forward passes under torch.autocast in bfloat16")
-    ap.add_argument("--out", default=None, help="output folder (default runs/train/<task>_<method>_seed<seed>)")
+    ap.add_argument("--out", default=None, action=Once,
+                    help="output folder (default runs/train/<task>_<method>_seed<seed>)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
-    try:
+    try:  # every check before any model is built; a refused command writes nothing
         recipe = get_recipe(args.method)
-        if args.task not in TASKS:
-            raise ValueError(f"unknown task {args.task!r}; available tasks: {sorted(TASKS)}")
+        if args.task not in TASKS:  # train fits a classifier; compare also trains the generation tasks
+            raise ValueError(f"unknown task {args.task!r} for train, which fits a classifier: one of {sorted(TASKS)} "
+                             f"(python -m minipeft compare trains the generation tasks {list(GENERATION_TASKS)})")
+        check_runs([recipe], [args.task])
+        out = Path(args.out or f"runs/train/{args.task}_{recipe.name}_seed{args.seed}")
+        check_output_dir(out, ("head.safetensors", "result.json", "run.json"))
         budget = Budget.fast() if args.fast else Budget.from_env()
         budget = dataclasses.replace(budget, **{k: getattr(args, k) for k in (
             "max_train", "max_eval", "max_test", "epochs", "batch_size", "max_length") if getattr(args, k) is not None})
@@ -252,18 +259,17 @@ def main(argv=None) -> int:
         if d.is_main:
             from safetensors.torch import save_file
 
-            out = Path(args.out or f"runs/train/{args.task}_{recipe.name}_seed{args.seed}")
             out.mkdir(parents=True, exist_ok=True)
             if recipe.make is not None:  # an adapter recipe; the baselines (full, head) have no adapter to save
                 save_adapter(model, recipe.name, out / "adapter")
             save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()},
                       str(out / "head.safetensors"))
-            (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+            write_json(out / "result.json", result.to_dict())
             run = {"command": "python -m minipeft train " + shlex.join(sys.argv[2:] if argv is None else argv),
                    "world_size": d.world_size, "backend": d.backend if d.world_size > 1 else None,
                    "device": str(d.device), "autocast": str(d.autocast) if d.autocast else None,
                    "global_batch": budget.batch_size, "load_average": list(os.getloadavg())}
-            (out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
+            write_json(out / "run.json", run)
             if not args.quiet:
                 print(f"{recipe.name} on {args.task}, {d.world_size} process(es) on {d.device}: test acc "
                       f"{result.test_acc:.3f}, {result.sec_per_step:.3f} s/step -> {out}/", flush=True)

@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from .generation_tasks import rouge_per_example
-from .report import by_method, load_record, training_memory_mb
+from .report import by_method, load_record, save_figure, training_memory_mb, write_atomic
 from .stats import ScoreComparison, compare_scores, mean_interval
 from .train import Result
 
@@ -103,8 +103,7 @@ def plot_generation(results: list[Result], path) -> None:
     ax.set_title(f"{results[0].task}: ROUGE-L per method (dots: seeds)")
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def render_generation(path) -> dict[str, Path]:
@@ -116,7 +115,7 @@ def render_generation(path) -> dict[str, Path]:
     r0 = results[0]
     partial = "" if record["status"] == "complete" else f"**{record['status'].capitalize()}.**\n\n"
     budget = ", ".join(f"{k}={v}" for k, v in r0.budget.items())
-    paths["md"].write_text(
+    write_atomic(paths["md"],
         f"# Comparison on `{r0.task}`\n\n{partial}{generation_table(results, references)}\n"
         f"Seeds: {sorted({r.seed for r in results})}; ROUGE F1 × 100 on all {len(references)} test articles "
         "(greedy headlines), mean ± the half-width of its 95% Student t interval over seeds. `vs zero-shot`: the "

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
+import tempfile
 from pathlib import Path
 
 from .core import RECIPES
@@ -22,11 +24,107 @@ from .train import Result
 REFERENCE = "full"
 
 
+# ---- the record files: read whole or refused naming the file, written whole or not at all --------------------
+
+RECORD_KEYS = ("task", "budget", "command", "status", "results")  # what every comparison.json holds
+
+
+def read_json(path) -> dict:
+    """The JSON object in ``path``. A missing, unreadable, truncated or non-object file raises ``ValueError``
+    naming the file and what is wrong with it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} cannot be read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}: truncated by an "
+                         "interrupted write?); remake it, or move it away") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not the object of a record")
+    return data
+
+
+def read_record(path) -> dict:
+    """A ``comparison.json`` as stored (runs as dicts), checked: its keys and at least one run (``ValueError``
+    naming the file otherwise)."""
+    record = read_json(path)
+    missing = [k for k in RECORD_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"{path} is not a comparison record: it lacks {missing} (a record has {list(RECORD_KEYS)})")
+    if not isinstance(record["results"], list) or not record["results"]:
+        raise ValueError(f"{path} holds no runs (its \"results\" is {record['results']!r}, not a list of runs)")
+    for i, d in enumerate(record["results"]):
+        try:
+            Result.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: run {i} of \"results\" is not a run ({e})") from None
+    return record
+
+
 def load_record(path) -> dict:
     """A ``comparison.json``: its metadata and its runs (``record["results"]`` as ``Result`` objects)."""
-    record = json.loads(Path(path).read_text())
+    record = read_record(path)
     record["results"] = [Result.from_dict(d) for d in record["results"]]
     return record
+
+
+def write_atomic(path, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` whole or not at all: into a temporary file next to it, then renamed over it (a
+    reader never sees half a file). On any failure (a full disk, a folder in the way, an interrupt) the temporary
+    file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path, record: dict) -> Path:
+    """``write_atomic`` of a record as indented JSON."""
+    return write_atomic(path, json.dumps(record, indent=1) + "\n")
+
+
+def save_figure(fig, path) -> Path:
+    """``write_atomic`` of a matplotlib figure (format from the suffix of ``path``); closes the figure."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
+    finally:
+        plt.close(fig)
+    return write_atomic(path, buffer.getvalue())
+
+
+def check_output_dir(directory, files=()) -> None:
+    """Refuse, before any work, an output folder that could not take the results: ``directory`` (made later if
+    missing) or a folder above it is a file, the nearest existing folder cannot be written, or one of ``files``
+    (names inside ``directory``) is in the way as a folder. Creates nothing; ``ValueError`` names the path."""
+    directory = Path(directory)
+    existing = next(p for p in [directory, *directory.parents] if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise ValueError(f"output folder {directory}: {existing} is a file, not a folder; choose another --out")
+    try:  # a real write (os.access says yes to root on a read-only mount): a probe file, removed at once
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ValueError(f"output folder {directory}: cannot write in {existing} ({e.strerror}); "
+                         "choose another --out") from None
+    blocked = [directory / f for f in files if (directory / f).exists() and not (directory / f).is_file()]
+    if blocked:
+        raise ValueError(f"output folder {directory}: {blocked[0]} is in the way (not a file); move it away")
 
 
 def by_method(results: list[Result]) -> dict[str, list[Result]]:
@@ -119,8 +217,7 @@ def plot(results: list[Result], path, labels=None) -> None:
     ax.set_title(f"{results[0].task}: accuracy vs parameters trained")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def render_task(path) -> dict[str, Path]:
@@ -140,7 +237,7 @@ def render_task(path) -> dict[str, Path]:
         partial += f"Note: {record['note']}\n\n"
     budget = ", ".join(f"{k}={v}" for k, v in r0.budget.items())
     versions = ", ".join(f"{k} {v}" for k, v in r0.versions.items())
-    paths["md"].write_text(
+    write_atomic(paths["md"],
         f"# Comparison on `{r0.task}`\n\n{partial}{markdown_table(results, labels)}\n"
         f"Seeds: {sorted({r.seed for r in results})}; test accuracy on all {len(labels)} test examples, mean ± the "
         "half-width of its 95% Student t interval over seeds. `vs full`: the paired difference from full "
@@ -172,14 +269,29 @@ def record_labels(record: dict) -> list[int]:
     return list(load_task(record["task"], max_test=budget.get("max_test", budget["max_eval"]))["test"]["label"])
 
 
-def load_all(results_dir="results") -> tuple[dict[str, dict], dict | None]:
-    """({task: record} for every ``<results_dir>/<task>/comparison.json``, the costs record or None)."""
-    root = Path(results_dir)
-    records = {p.parent.name: load_record(p) for p in sorted(root.glob("*/comparison.json"))}
-    records = {task: rec for task, rec in records.items()  # results/<task>/ only, classification (accuracy) only
-               if rec["task"] == task and rec["results"][0].metric == "accuracy"}
-    costs = root / "costs.json"
-    return records, (json.loads(costs.read_text()) if costs.exists() else None)
+def load_all(results_dir="results", unreadable: dict | None = None) -> tuple[dict[str, dict], dict | None]:
+    """({task: record} for every ``<results_dir>/<task>/comparison.json``, the costs record or None).
+
+    A file that cannot be read raises ``ValueError`` naming it; given a dict ``unreadable``, it is left out and
+    listed there instead ({path: what is wrong}), so the readable tasks are still reported."""
+    root, records, costs = Path(results_dir), {}, None
+
+    def read(path, reader):
+        try:
+            return reader(path)
+        except ValueError as e:
+            if unreadable is None:
+                raise
+            unreadable[path] = str(e)
+
+    for path in sorted(root.glob("*/comparison.json")):
+        record = read(path, load_record)
+        # results/<task>/ only, classification (accuracy) only
+        if record is not None and record["task"] == path.parent.name and record["results"][0].metric == "accuracy":
+            records[path.parent.name] = record
+    if (root / "costs.json").exists():
+        costs = read(root / "costs.json", read_json)
+    return records, costs
 
 
 def recorded_difference(a: str, b: str, tasks=("question", "topic"), results_dir="results") -> str:
@@ -272,19 +384,35 @@ def design_markdown(records: dict[str, dict], costs: dict | None = None) -> str:
 
 
 def main(argv=None) -> str:
-    """``python -m minipeft report [--results results]``: print the measured table and write ``table.md``."""
+    """``python -m minipeft report [--results results]``: print the measured table and write ``table.md``.
+
+    A record that cannot be read (truncated, not a record) is left out with a warning naming it, here and in
+    ``table.md``: the other tasks are still reported."""
     import argparse
+    import sys
 
     p = argparse.ArgumentParser(prog="python -m minipeft report",
                                 description="the design document's table from results/ (all tasks + costs)")
     p.add_argument("--results", default="results", help="folder with <task>/comparison.json and costs.json")
     args = p.parse_args(argv)
-    records, costs = load_all(args.results)
-    for path in Path(args.results).glob("*/comparison.json"):
-        render_task(path)
+    root = Path(args.results)
+    if not root.is_dir():
+        p.error(f"--results {root}: {'not a folder' if root.exists() else 'no such folder'}; it holds "
+                "<task>/comparison.json, made by `make results` (python -m minipeft compare)")
+    try:
+        check_output_dir(root, ["table.md"])
+    except ValueError as e:
+        p.error(str(e))
+    unreadable: dict[Path, str] = {}  # reported, not fatal: one bad file must not hide the good tasks
+    records, costs = load_all(root, unreadable)
+    for path, why in unreadable.items():
+        print(f"warning: left out of the report: {why}", file=sys.stderr)
+    for path in sorted(root.glob("*/comparison.json")):
+        if path not in unreadable:
+            render_task(path)
     if not records:
-        p.error(f"no {args.results}/<task>/comparison.json found; make them with `make results` "
-                "(python -m minipeft compare)")
+        p.error(f"no readable {root}/<task>/comparison.json of a classification task; make them with "
+                "`make results` (python -m minipeft compare)")
     compared = {m for m, spec in RECIPES.items() if not spec.ablation}  # a column needs every compared method
     partial = {t: rec for t, rec in records.items() if not compared <= {r.method for r in rec["results"]}}
     records = {t: rec for t, rec in records.items() if t not in partial} or records
@@ -292,7 +420,9 @@ def main(argv=None) -> str:
     note = ("" if costs else "\nNo costs.json: run `cd bench && ../.venv/bin/python costs.py --out ../results/costs.json`.\n")
     note += "".join(f"\nNot in the table: `{t}/comparison.json` ({', '.join(by_method(rec['results']))} only).\n"
                     for t, rec in partial.items() if t not in records)
-    Path(args.results, "table.md").write_text(
+    note += "".join(f"\nNot in the table (unreadable): {why}\n" for why in unreadable.values())
+    write_atomic(
+        root / "table.md",
         "# The design document's table, measured\n\n## In short (the README's)\n\n" + summary_markdown(records, costs)
         + "\n## In full\n\n" + text + note + "\nMade by `python -m minipeft report` from "
         + ", ".join(f"`{t}/comparison.json`" for t in records) + (" and `costs.json`" if costs else "") + ".\n")

@@ -20,7 +20,6 @@ labels, the sources' own accuracies, the choice of the best source, the machine 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import sys
@@ -33,6 +32,7 @@ from .api import add_adapter, load_adapter, save_adapter, set_active, train_adap
 from .core import RECIPES, Recipe, register_recipe
 from .methods.bottleneck import BottleneckConfig  # noqa: F401  (registers the Pfeiffer recipe)
 from .methods.fusion import FusionConfig, freeze_adapters
+from .report import check_output_dir, read_json, write_json
 from .train import Budget, Result, train
 
 SOURCES = ("sentiment", "vader_tweets", "subjectivity", "question")  # two near the target, two far from it
@@ -68,10 +68,20 @@ def train_sources(directory=SOURCES_DIR, tasks=SOURCES, budget: Budget | None = 
             model = build_model(spec, task, seed)
             r = train(model, task, spec.lr, budget, seed=seed, method=SOURCE_RECIPE, config=spec.config, quiet=quiet)
             save_adapter(model, SOURCE_RECIPE, directory / task)
-            scores.write_text(json.dumps({"test_acc": r.test_acc, "val_acc": r.val_acc[-1], "budget": r.budget,
-                                          "seed": seed}, indent=1) + "\n")
-        accuracies[task] = json.loads(scores.read_text())
+            write_json(scores, {"test_acc": r.test_acc, "val_acc": r.val_acc[-1], "budget": r.budget, "seed": seed})
+        accuracies[task] = read_json(scores)
     return accuracies
+
+
+def check_sources(directory, tasks=SOURCES) -> None:
+    """Refuse, before stage 1 trains anything, a sources folder that cannot hold the adapters or whose saved
+    scores cannot be read (``ValueError`` naming the file)."""
+    for task in tasks:
+        scores = Path(directory) / task / "scores.json"
+        if scores.is_file():
+            read_json(scores)
+        else:  # stage 1 will train it and write there
+            check_output_dir(scores.parent, (scores.name,))
 
 
 def load_sources(model: nn.Module, directory=SOURCES_DIR, tasks=SOURCES) -> list[str]:
@@ -89,13 +99,14 @@ def load_sources(model: nn.Module, directory=SOURCES_DIR, tasks=SOURCES) -> list
 
 def build_arm(arm: str, seed: int, best: str | None = None, directory=SOURCES_DIR, task: str = TARGET):
     """A fresh target model for ``arm`` (see the module docstring), seeded; returns (model, lr)."""
-    from .compare import build_model, get_method
+    from .compare import build_model, check_runs, get_method
 
     if arm in ("head", "adapter"):
         spec = get_method("head" if arm == "head" else SOURCE_RECIPE)
         return build_model(spec, task, seed), spec.lr
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; arms: {ARMS}")
+    check_runs(["fusion"], [task])  # every other arm reads the source adapters: not on the sources' own tasks
     model = build_model("head", task, seed)  # frozen backbone, new head
     if arm == "fusion":
         attach_fusion(model, directory)
@@ -163,23 +174,30 @@ def fusion_against_controls(record: dict) -> dict[int, dict]:
 
 
 def main(argv=None) -> dict:
-    from .compare import machine, test_labels
+    from .compare import Once, machine, test_labels
     from .train import is_fast
 
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m minipeft transfer", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[100, 300], help="target training examples")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    p.add_argument("--sizes", type=int, nargs="+", default=[100, 300], action=Once, help="target training examples")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], action=Once)
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, action=Once)
     p.add_argument("--fast", action="store_true", help="CI's few batches (also MINIPEFT_FAST=1)")
-    p.add_argument("--out", default="runs/fusion", help="folder of the record (and of sources/ unless --sources)")
-    p.add_argument("--sources", default=None, help="folder of the saved source adapters (default <out>/sources)")
+    p.add_argument("--out", default="runs/fusion", action=Once,
+                   help="folder of the record (and of sources/ unless --sources)")
+    p.add_argument("--sources", default=None, action=Once,
+                   help="folder of the saved source adapters (default <out>/sources)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if any(n < 1 for n in args.sizes):
         p.error(f"--sizes must be positive numbers of examples, got {args.sizes}")
     fast, out, n_max = args.fast or is_fast(), Path(args.out), max(args.sizes)
     directory = Path(args.sources) if args.sources else out / "sources"
+    try:  # before stage 1 trains anything: a refused command leaves the files as they were
+        check_output_dir(out, ("transfer.json",))
+        check_sources(directory)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     started, done = machine(), {}  # (arm, n, seed, best or lr) -> Result: a choosing run is reused, not rerun
 
     def run(arm, n, seed, best=None, lr=None):
@@ -210,8 +228,6 @@ def main(argv=None) -> dict:
                 record["machine"] = {**now, "load_average": {"start": started["load_average"],
                                                              "end": now["load_average"]}}
                 out.mkdir(parents=True, exist_ok=True)
-                tmp = out / "transfer.json.tmp"
-                tmp.write_text(json.dumps(record, indent=1) + "\n")
-                tmp.replace(out / "transfer.json")  # after every run: an interrupt keeps what finished
+                write_json(out / "transfer.json", record)  # after every run: an interrupt keeps what finished
     return record
 
