@@ -239,6 +239,8 @@ def main(argv=None) -> int:
         check_runs([recipe], [args.task])
         out = Path(args.out or f"runs/train/{args.task}_{recipe.name}_seed{args.seed}")
         check_output_dir(out, ("head.safetensors", "result.json", "run.json"))
+        if recipe.make is not None:  # an adapter recipe: its folder in there
+            check_output_dir(out / "adapter")
         budget = Budget.fast() if args.fast else Budget.from_env()
         budget = dataclasses.replace(budget, **{k: getattr(args, k) for k in (
             "max_train", "max_eval", "max_test", "epochs", "batch_size", "max_length") if getattr(args, k) is not None})

@@ -175,6 +175,7 @@ def fusion_against_controls(record: dict) -> dict[int, dict]:
 
 def main(argv=None) -> dict:
     from .compare import Once, machine, test_labels
+    from .tasks import load_task
     from .train import is_fast
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -191,6 +192,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if any(n < 1 for n in args.sizes):
         p.error(f"--sizes must be positive numbers of examples, got {args.sizes}")
+    available = load_task(TARGET, max_eval=1, max_test=1)["train"].num_rows
+    if max(args.sizes) > available:  # a larger n would train on the whole split and be recorded as n
+        p.error(f"--sizes: {TARGET} has {available} training examples, got {args.sizes}")
     fast, out, n_max = args.fast or is_fast(), Path(args.out), max(args.sizes)
     directory = Path(args.sources) if args.sources else out / "sources"
     try:  # before stage 1 trains anything: a refused command leaves the files as they were

@@ -143,6 +143,7 @@ def test_compare_add_with_another_budget_is_refused_before_training(no_training,
     (["transfer", "--sizes", "16", "16"], "argument --sizes: [16] given more than once"),
     (["transfer", "--arms", "head", "head"], "argument --arms: ['head'] given more than once"),
     (["transfer", "--sizes", "0"], "--sizes must be positive"),
+    (["transfer", "--sizes", "100", "100000"], "training examples, got [100, 100000]"),
 ])
 def test_bad_arguments_are_refused_before_training(argv, says, no_training, tmp_path, capsys):
     message = refused(argv + ["--fast", "--out", "runs"], tmp_path, capsys)
@@ -169,6 +170,10 @@ def test_train_refuses_an_output_it_could_not_write(no_training, tmp_path, capsy
     (tmp_path / "mine.txt").write_text("a file of mine")
     message = refused(["train", "--method", "lora", "--fast", "--out", "mine.txt"], tmp_path, capsys)
     assert "output folder mine.txt: mine.txt is a file, not a folder" in message
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "adapter").write_text("not the adapter's folder")
+    message = refused(["train", "--method", "lora", "--fast", "--out", "run"], tmp_path, capsys)
+    assert "run/adapter is a file, not a folder" in message
 
 
 def test_transfer_refuses_its_folders_and_unreadable_sources_before_stage_one(no_training, tmp_path, capsys):
