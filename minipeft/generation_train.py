@@ -35,8 +35,9 @@ from torch import nn
 from .backbones.contract import find_backbone
 from .generation import generate
 from .generation_tasks import GENERATION_TASKS, HEADLINE_NEW_TOKENS, headline_prompt, load_headline, rouge
-from .train import (Budget, PeakMemory, Result, backbone_parameter_count, count_parameters, default_device,
-                    make_optimizer, seed_everything, stored_parameter_count, training_state_bytes, versions)
+from .train import (Budget, PeakMemory, Result, backbone_parameter_count, check_budget, check_lr, count_parameters,
+                    default_device, make_optimizer, seed_everything, stored_parameter_count, training_state_bytes,
+                    versions)
 
 IGNORE = -100  # label of a position that is not scored (the prompt, the padding)
 
@@ -155,10 +156,10 @@ def train_lm(model: nn.Module, task: str = "headline", lr: float | None = None, 
 
     if task not in GENERATION_TASKS:
         raise ValueError(f"unknown generation task {task!r}; available: {list(GENERATION_TASKS)}")
-    budget = budget or Budget.for_task(task)
+    budget = check_budget(Budget.for_task(task) if budget is None else budget, model)
     params = [p for p in model.parameters() if p.requires_grad]
-    if params and not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be > 0 when the model has trainable parameters, got {lr!r}")
+    if params or lr is not None:  # zero-shot (nothing trainable) takes lr=None
+        check_lr(lr)
     tokenizer = tokenizer or decoder_tokenizer()
     seed_everything(seed)
     device = torch.device(device) if device is not None else default_device()

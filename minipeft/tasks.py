@@ -163,8 +163,8 @@ def load_task(name: str, max_train: int | None = None, max_eval: int | None = No
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; available tasks: {sorted(TASKS)}")
     for arg, value in (("max_train", max_train), ("max_eval", max_eval), ("max_test", max_test)):
-        if value is not None and value < 1:
-            raise ValueError(f"{arg} must be a positive number of examples or None, got {value}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{arg} must be a positive whole number of examples or None, got {value!r}")
     pairs = BUILDERS[name]()
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
     n_val, n_test = SPLIT_SIZES[name]
@@ -178,6 +178,92 @@ def load_task(name: str, max_train: int | None = None, max_eval: int | None = No
                       for split, idx in index.items()})
     dd.label_names = label_names
     return dd
+
+
+# ---- classification data given as a DatasetDict ------------------------------------------------------------
+
+SPLITS = ("train", "validation", "test")  # train() learns on train, scores validation per epoch and test at the end
+NO_LABEL = -1  # datasets' "no label" (e.g. every row of GLUE's test splits)
+
+
+def check_task_data(dd) -> int:
+    """The number of classes of classification data given as a ``DatasetDict``, once it is checked that ``train``
+    can use every split of it: train / validation / test present and non-empty, a string ``text`` column and a
+    ``label`` column of class ids.
+
+    Class ids come from a ``ClassLabel`` (its ``num_classes``) or are plain integers (a ``Value`` feature): then the
+    number of classes is inferred as the largest label + 1, as a hand-built dataset with labels 0..C-1 means.
+    Every label must be a class id in 0..C-1. ``datasets``' "no label" (-1) is refused in every split: training
+    cannot learn from it, and an accuracy over it would be a silent 0.
+    """
+    if not isinstance(dd, DatasetDict):
+        raise TypeError(f"task must be a task name ({', '.join(TASKS)}) or a datasets.DatasetDict with the splits "
+                        f"{list(SPLITS)}, got {type(dd).__name__}")
+    missing = [s for s in SPLITS if s not in dd]
+    if missing:
+        raise ValueError(f"the task data has no {' / '.join(missing)} split (it has {list(dd)}); train() needs "
+                         f"{list(SPLITS)}: it learns on train, scores validation after each epoch and test at the end")
+    for split in SPLITS:
+        _check_columns(dd[split], split)
+    labels = {split: list(dd[split]["label"]) for split in SPLITS}
+    num_classes = _num_classes(dd, labels)
+    for split in SPLITS:
+        _check_labels(labels[split], split, num_classes)
+    return num_classes
+
+
+def _check_columns(ds: Dataset, split: str) -> None:
+    if len(ds) == 0:
+        raise ValueError(f"the {split} split is empty; train() needs at least one example in each of {list(SPLITS)}")
+    for column in ("text", "label"):
+        if column not in ds.column_names:
+            raise ValueError(f"the {split} split has no {column!r} column (it has {ds.column_names}); rename yours, "
+                             f"e.g. dd = dd.rename_column('sentence', 'text')")
+    text, label = ds.features["text"], ds.features["label"]
+    if getattr(text, "dtype", None) not in ("string", "large_string"):
+        raise ValueError(f"the 'text' column of the {split} split must hold strings, got {text}")
+    texts = list(ds["text"])
+    if None in texts:
+        raise ValueError(f"the {split} split has a row without text (None): row {texts.index(None)}")
+    if not (isinstance(label, ClassLabel) or getattr(label, "dtype", "").startswith(("int", "uint"))):
+        raise ValueError(f"the 'label' column of the {split} split must hold class ids (a ClassLabel, or integers "
+                         f"0..C-1), got {label}; text labels become class ids with dd.class_encode_column('label')")
+
+
+def _num_classes(dd: DatasetDict, labels: dict[str, list]) -> int:
+    """A ClassLabel's num_classes (the same names in every split that has one), else the largest label + 1."""
+    named = {split: dd[split].features["label"] for split in SPLITS
+             if isinstance(dd[split].features["label"], ClassLabel)}
+    if len(set(tuple(f.names) for f in named.values())) > 1:
+        raise ValueError("the splits name their classes differently: "
+                         + "; ".join(f"{split} {f.names}" for split, f in named.items()))
+    if named:
+        return next(iter(named.values())).num_classes
+    return 1 + max((y for ys in labels.values() for y in ys if y is not None), default=NO_LABEL)
+
+
+def _check_labels(labels: list, split: str, num_classes: int) -> None:
+    missing = [i for i, y in enumerate(labels) if y is None]
+    if missing:
+        raise ValueError(f"the {split} split has no label (None) in {len(missing)} of its {len(labels)} rows, "
+                         f"first in row {missing[0]}")
+    unlabelled = labels.count(NO_LABEL)
+    if unlabelled and split == "train":
+        raise ValueError(f"the train split has label {NO_LABEL} (datasets' 'no label') in {unlabelled} of its "
+                         f"{len(labels)} rows; training needs a label on every row: drop them first, e.g. "
+                         f"dd['train'] = dd['train'].filter(lambda e: e['label'] != {NO_LABEL})")
+    if unlabelled == len(labels):
+        raise ValueError(f"all {len(labels)} rows of the {split} split have label {NO_LABEL} (no label, as in GLUE's "
+                         f"test splits), so its accuracy cannot be measured; give a labelled {split} split, e.g. "
+                         f"hold out part of train")
+    if unlabelled:
+        raise ValueError(f"the {split} split has label {NO_LABEL} (no label) in {unlabelled} of its {len(labels)} "
+                         f"rows, which would count as errors in its accuracy; drop them first, e.g. "
+                         f"dd['{split}'] = dd['{split}'].filter(lambda e: e['label'] != {NO_LABEL})")
+    bad = [i for i, y in enumerate(labels) if not 0 <= y < num_classes]
+    if bad:
+        raise ValueError(f"the {split} split has labels outside 0..{num_classes - 1} (the task's {num_classes} "
+                         f"classes) in {len(bad)} of its {len(labels)} rows, e.g. {labels[bad[0]]} in row {bad[0]}")
 
 
 # ---- tokenisation ------------------------------------------------------------------------------------------

@@ -38,6 +38,22 @@ def is_fast() -> bool:
     return os.environ.get(FAST_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
+def _is_whole(value, minimum: int) -> bool:
+    """An int (not a bool) >= minimum."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_finite(value) -> bool:
+    """A real number (int or float, not a bool) that is neither nan nor ±inf."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_lr(lr) -> None:
+    """``lr`` must be a finite number > 0: AdamW's peak learning rate (inf or nan turns every weight into nan)."""
+    if not (_is_finite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0 (AdamW's peak learning rate), got {lr!r}")
+
+
 # ---- the model -----------------------------------------------------------------------------------------------
 
 class SequenceClassifier(nn.Module):
@@ -72,7 +88,7 @@ class SequenceClassifier(nn.Module):
 
 # ---- the budget ----------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)  # frozen: the checks of __post_init__ hold for the budget's whole life
 class Budget:
     """How much data and compute one run gets. ``None`` in max_train / max_eval means the whole split."""
     max_train: int | None = 2000
@@ -89,16 +105,23 @@ class Budget:
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if not _is_whole(getattr(self, name), minimum=1):
                 raise ValueError(f"Budget.{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("max_train", "max_eval", "max_test"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
+            if v is not None and not _is_whole(v, minimum=1):
                 raise ValueError(f"Budget.{name} must be a positive integer or None (all), got {v!r}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"Budget.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.grad_clip <= 0 or self.weight_decay < 0 or self.timing_warmup_steps < 0:
-            raise ValueError("Budget.grad_clip must be > 0, weight_decay and timing_warmup_steps >= 0")
+        if not _is_whole(self.timing_warmup_steps, minimum=0):
+            raise ValueError(f"Budget.timing_warmup_steps must be an integer >= 0, got {self.timing_warmup_steps!r}")
+        if not (_is_finite(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
+            raise ValueError(f"Budget.warmup_ratio must be in [0, 1) (a fraction of the steps), "
+                             f"got {self.warmup_ratio!r}")
+        if not (_is_finite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"Budget.grad_clip must be a finite number > 0 (the max global gradient norm), "
+                             f"got {self.grad_clip!r}")
+        if not (_is_finite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"Budget.weight_decay must be a finite number >= 0 (AdamW's decoupled decay), "
+                             f"got {self.weight_decay!r}")
 
     @classmethod
     def lesson(cls) -> "Budget":
@@ -276,12 +299,27 @@ def _tokenizer(path=None):
     return load_tokenizer(path)
 
 
-def _loaders(task, budget: Budget, seed: int, tokenizer):
-    from torch.utils.data import DataLoader
+def task_data(task, budget: Budget, num_labels: int):
+    """``task``'s train / validation / test splits (a task name is loaded within ``budget``'s limits; other splits
+    are left out), once ``tasks.check_task_data`` has checked them and their number of classes is the head's."""
+    from datasets import ClassLabel, DatasetDict
 
-    from .tasks import collate, load_task, tokenize
+    from .tasks import SPLITS, check_task_data, load_task
 
     dd = load_task(task, budget.max_train, budget.max_eval, budget.max_test) if isinstance(task, str) else task
+    n_classes = check_task_data(dd)
+    if n_classes != num_labels:
+        inferred = "" if isinstance(dd["train"].features["label"], ClassLabel) else (
+            " (plain integer labels: the largest + 1; a ClassLabel feature states the classes)")
+        raise ValueError(f"task has {n_classes} labels{inferred} but the model's head has {num_labels} outputs")
+    return DatasetDict({split: dd[split] for split in SPLITS})
+
+
+def _loaders(dd, budget: Budget, seed: int, tokenizer):
+    from torch.utils.data import DataLoader
+
+    from .tasks import collate, tokenize
+
     pad = tokenizer.pad_token_id or 0
     from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
@@ -296,7 +334,7 @@ def _loaders(task, budget: Budget, seed: int, tokenizer):
     g = torch.Generator().manual_seed(seed)
     train_dl = DataLoader(data["train"], batch_size=budget.batch_size, shuffle=True, generator=g, collate_fn=fn)
     evals = {s: DataLoader(data[s], batch_size=budget.eval_batch_size, collate_fn=fn) for s in ("validation", "test")}
-    return dd, train_dl, evals
+    return train_dl, evals
 
 
 def linear_warmup_decay(warmup: int, total: int):
@@ -332,21 +370,21 @@ def predict(model: nn.Module, loader, device) -> tuple[list[int], list[int]]:
 def train(model: SequenceClassifier, task, lr: float, budget: Budget | None = None, seed: int = 0,
           method: str = "", config: dict | None = None, quiet: bool = False, tokenizer=None,
           device=None, distributed=None) -> Result:
-    """Train ``model``'s trainable parameters on ``task`` (a task name or a DatasetDict); return a Result.
+    """Train ``model``'s trainable parameters on ``task`` (a task name, or a DatasetDict with the splits and columns
+    of ``tasks.check_task_data``); return a Result.
 
     Seed first, build the model after ``seed_everything(seed)`` (the head's init is then seeded too);
     ``minipeft.compare.build_model`` does both. ``distributed`` (``minipeft.distributed.setup()``): this process's
     part of a DistributedDataParallel run (its slice of each batch of ``budget.batch_size``) and/or bf16 autocast.
     """
-    budget = budget or Budget.from_env()
-    params = trainable_parameters(model, lr)
+    params = trainable_parameters(model, lr)  # everything is checked before the model is touched
+    budget = check_budget(Budget.from_env() if budget is None else budget, model)
+    dd = task_data(task, budget, model.num_labels)
     seed_everything(seed)
     device = torch.device(device) if device is not None else default_device()
-    dd, train_dl, evals = _loaders(task, budget, seed, tokenizer or _tokenizer())
-    n_classes = train_dl.dataset.features["label"].num_classes
-    if n_classes != model.num_labels:
-        raise ValueError(f"task has {n_classes} labels but the model's head has {model.num_labels} outputs")
-    task_name = task if isinstance(task, str) else getattr(dd, "name", "custom")
+    from .interop import tokenizer_dir  # the encoder's own tokenizer, never another model's
+    train_dl, evals = _loaders(dd, budget, seed, tokenizer or _tokenizer(tokenizer_dir(model.encoder)))
+    task_name = task if isinstance(task, str) else getattr(task, "name", "custom")
 
     model.to(device).train()
     net = model  # what the loop calls: the model, or its DDP / autocast wrapper
@@ -376,12 +414,24 @@ def train(model: SequenceClassifier, task, lr: float, budget: Budget | None = No
                   test_predictions=test_predictions)
 
 
+def check_budget(budget, model: nn.Module) -> Budget:
+    """``budget``, once it is a Budget whose ``max_length`` fits the encoder's positions (when it states them)."""
+    if not isinstance(budget, Budget):
+        raise TypeError(f"budget must be a minipeft.train.Budget (e.g. Budget.fast()), got {type(budget).__name__}")
+    cfg = getattr(getattr(model, "encoder", None), "cfg", None)
+    if hasattr(cfg, "max_position") and hasattr(cfg, "position_offset"):
+        positions = cfg.max_position - cfg.position_offset
+        if budget.max_length > positions:
+            raise ValueError(f"Budget.max_length {budget.max_length} exceeds the encoder's {positions} positions; "
+                             f"allowed: 1..{positions}")
+    return budget
+
+
 def trainable_parameters(model: nn.Module, lr: float) -> list[nn.Parameter]:
     """The parameters ``train`` optimises, after checking the model and the learning rate."""
     if not isinstance(model, SequenceClassifier):
         raise TypeError(f"train() needs a SequenceClassifier (backbone + head), got {type(model).__name__}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    check_lr(lr)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: every requires_grad is False")
