@@ -18,11 +18,15 @@ label).
 
 Splits are drawn once with ``SPLIT_SEED`` after dropping empty texts and duplicates; ``SPLIT_SIZES``
 gives (validation, test); train is the rest. ``max_train`` subsamples train (first n of a fixed shuffle).
+
+Data of one's own goes to ``train`` as a ``DatasetDict`` with the same splits and columns; ``check_task_data``
+checks it first (every row labelled with a class id, no split empty).
 """
 from __future__ import annotations
 
 import bz2
 import csv
+import uuid
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
@@ -278,9 +282,13 @@ def load_tokenizer(path=None):
 
 
 def tokenize(dd, tokenizer, max_length: int = 64):
-    """Add ``input_ids`` / ``attention_mask`` (truncated to max_length, not padded) to every split."""
-    return dd.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length), batched=True,
-                  remove_columns=["text"])
+    """Add ``input_ids`` / ``attention_mask`` (truncated to max_length, not padded) to every split.
+
+    In memory, under a fresh fingerprint: otherwise ``datasets`` names a cache file by hashing the function, the
+    whole tokenizer included (~0.3 s per call, on every ``train``), for a cache that in-memory splits never use."""
+    encode = lambda b: tokenizer(b["text"], truncation=True, max_length=max_length)  # noqa: E731
+    return DatasetDict({split: ds.map(encode, batched=True, remove_columns=["text"], keep_in_memory=True,
+                                      new_fingerprint=uuid.uuid4().hex) for split, ds in dd.items()})
 
 
 def collate(batch: list[dict], pad_token_id: int = 0) -> dict:
