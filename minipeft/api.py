@@ -38,14 +38,15 @@ def _home(model: nn.Module) -> nn.Module:
 # ---- attach / remove / activate / freeze --------------------------------------------------------------------
 
 def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.Module:
-    """Attach ``config``'s method under ``name`` (active). On any error the model is left as it was."""
+    """Attach ``config``'s method under ``name`` (active; each new module takes its parent's train/eval mode).
+    On any error the model is left as it was."""
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig (e.g. BottleneckConfig), got {type(config).__name__}")
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"adapter name must be a Python identifier (letters, digits, _), got {name!r}")
     if name in adapter_names(model):
         raise ValueError(f"an adapter named {name!r} already exists in this model; existing: {adapter_names(model)}")
-    home = _home(model)
+    home, existing = _home(model), {id(m) for m in model.modules()}
     try:
         config.attach(model, name)
         if not adapter_modules(model, name):
@@ -53,15 +54,31 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
     except Exception:
         _remove_modules(model, name)
         raise
+    _take_parents_mode(model, existing)
     home.__dict__.setdefault("adapter_configs", {})[name] = config  # kept once, on the model
     return model
+
+
+def _take_parents_mode(model: nn.Module, existing: set[int]) -> None:
+    """Each module not in ``existing`` (ids) takes its parent's train/eval mode, as if it had been there when
+    ``model.train()`` / ``model.eval()`` ran. (PyTorch leaves a module added later in training mode: a new LoRA's
+    dropout would stay on in an ``eval()`` model, and two forwards of it would differ.)"""
+    mode = {"": model.training}
+    for path, module in model.named_modules():  # parents come before their children
+        if path and id(module) not in existing:
+            module.training = mode[path.rpartition(".")[0]]
+        mode[path] = module.training
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``: its modules (each undoes what it changed outside itself first), the containers
     and hooks that only it needed, and its config. The model is then as if it had never been added."""
-    if name not in adapter_names(model):
-        raise KeyError(f"no adapter named {name!r}; existing: {adapter_names(model)}")
+    _check_names(model, [name])
+    readers = fusions_reading(model, name)
+    if readers:
+        raise ValueError(f"adapter {name!r} is a source of AdapterFusion {', '.join(map(repr, readers))}, which "
+                         f"calls it at every forward: delete the fusion first (delete_adapter(model, {readers[0]!r})), "
+                         f"then {name!r}. Nothing was deleted")
     _remove_modules(model, name)
     for module in model.modules():
         module.__dict__.get("adapter_configs", {}).pop(name, None)
@@ -80,21 +97,50 @@ def _remove_modules(model: nn.Module, name: str) -> None:
             del container[key]
 
 
+def fusions_reading(model: nn.Module, name: str) -> list[str]:
+    """The AdapterFusions over adapter ``name`` (each calls its sources' modules at every forward)."""
+    from .methods.fusion import FusionConfig
+
+    return sorted(f for f, c in adapter_configs(model).items() if isinstance(c, FusionConfig) and name in c.adapters)
+
+
+def _check_names(model: nn.Module, names) -> None:
+    """Raise unless every name is a string naming an adapter of ``model``, each once: a typo is an error, never a
+    silent no-op. Called by every verb that takes names, before it changes anything."""
+    wrong = [n for n in names if not isinstance(n, str)]
+    if wrong:
+        raise TypeError(f"adapter names are strings, one per argument (set_active(model, 'a', 'b')); got "
+                        f"{type(wrong[0]).__name__} {wrong[0]!r}")
+    twice = sorted({n for n in names if list(names).count(n) > 1})
+    if twice:
+        raise ValueError(f"adapter names {twice} are given more than once; name each adapter once")
+    unknown = [n for n in names if n not in adapter_names(model)]
+    if unknown:
+        raise KeyError(f"no adapter named {unknown[0]!r}{f' (nor {unknown[1:]})' if unknown[1:] else ''}; "
+                       f"existing: {adapter_names(model)}")
+
+
+def _active_names(model: nn.Module) -> set[str]:
+    return {m.adapter_name for m in adapter_modules(model).values() if m.active}
+
+
 def set_active(model: nn.Module, *names: str) -> None:
     """Activate exactly the adapters ``names`` (none: the base model)."""
-    unknown = sorted(set(names) - set(adapter_names(model)))
-    if unknown:
-        raise KeyError(f"no adapter named {unknown}; existing: {adapter_names(model)}")
+    _check_names(model, names)
     for module in adapter_modules(model).values():
         module.active = module.adapter_name in names
 
 
 def activate(model: nn.Module, name: str) -> None:
-    set_active(model, *({m.adapter_name for m in adapter_modules(model).values() if m.active} | {name}))
+    """Add adapter ``name`` to the active ones (already active: nothing changes)."""
+    _check_names(model, [name])
+    set_active(model, *(_active_names(model) | {name}))
 
 
 def deactivate(model: nn.Module, name: str) -> None:
-    set_active(model, *({m.adapter_name for m in adapter_modules(model).values() if m.active} - {name}))
+    """Take adapter ``name`` out of the active ones (already inactive: nothing changes)."""
+    _check_names(model, [name])
+    set_active(model, *(_active_names(model) - {name}))
 
 
 def train_adapter(model: nn.Module, name: str, train_norms: bool = False, train_head: bool = True) -> None:
@@ -271,8 +317,12 @@ def saved_files(directory: Path) -> tuple[Path, Path]:
     raise FileNotFoundError(f"{directory} is not a saved adapter: expected {CONFIG_FILE} and {WEIGHTS_FILE}{hint}")
 
 
-def read_saved_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The config record and the tensors of a saved adapter, or an error naming the file and what is wrong."""
+RECORD_TYPES = {"method": str, "name": str, "config": dict, "backbone": dict}  # what save_adapter writes
+
+
+def read_saved_adapter(directory: str | Path) -> tuple[dict, AdapterConfig, dict[str, torch.Tensor]]:
+    """The config record, the config it describes and the tensors of a saved adapter, or an error naming the file
+    and what is wrong."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -281,16 +331,26 @@ def read_saved_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Ten
         meta = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_file} is not valid JSON ({e}); it should be what save_adapter wrote") from None
-    missing = [k for k in ("method", "name", "config", "backbone") if not isinstance(meta, dict) or k not in meta]
+    missing = [k for k in RECORD_TYPES if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise ValueError(f"{config_file} lacks {missing}; a saved adapter's config has method, name, config "
                          "and backbone")
+    wrong = [f"{k} is a {type(meta[k]).__name__}" for k, kind in RECORD_TYPES.items() if not isinstance(meta[k], kind)]
+    if not wrong and not meta["name"].isidentifier():
+        wrong = [f"name {meta['name']!r} is not an identifier"]
+    if wrong:
+        raise ValueError(f"{config_file}: {'; '.join(wrong)}; a saved adapter's config has method (a string), name "
+                         "(an identifier), config and backbone (objects)")
+    try:
+        config = config_from_dict(meta["method"], meta["config"])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{config_file} does not describe a valid adapter: {e}") from None
     try:
         state = load_file(str(weights_file))
     except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
         raise ValueError(f"{weights_file} is not a readable safetensors file ({type(e).__name__}: {e}); "
                          "it may be truncated or corrupt: save the adapter again") from None
-    return meta, state
+    return meta, config, state
 
 
 def load_adapter(model: nn.Module, directory: str | Path, name: str | None = None) -> AdapterConfig:
@@ -298,15 +358,17 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
 
     Fails with a clear error, leaving the model untouched, when a file is missing or unreadable, the backbone
     differs (family, hidden size, depth, key/value width), the method is unknown, or a tensor does not fit."""
-    meta, state = read_saved_adapter(directory)
+    meta, config, state = read_saved_adapter(directory)
     saved, here = meta["backbone"], _backbone_identity(model)
     for key in ("family", "hidden_size", "num_layers", "kv_width"):
         if saved.get(key) is not None and here.get(key) is not None and saved[key] != here[key]:
             raise ValueError(f"adapter in {directory} was trained on a backbone with {key}={saved[key]} "
                              f"({saved.get('name')}); this model has {key}={here[key]} ({here['name']})")
-    config = config_from_dict(meta["method"], meta["config"])
     name = name or meta["name"]
-    add_adapter(model, config, name)
+    try:
+        add_adapter(model, config, name)
+    except (ValueError, TypeError) as e:  # e.g. its targets are not in this model, or the name is taken
+        raise type(e)(f"cannot load the adapter in {directory} into this model: {e}") from None
     try:
         expected = adapter_state_dict(model, name, saved_as=meta["name"])
         problems = [f"missing {k}" for k in sorted(set(expected) - set(state))]

@@ -118,8 +118,13 @@ def decode(backbone, prompt_ids, max_new_tokens, do_sample, temperature, top_p, 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
     """One token per row of ``logits`` (B, V): softmax(z/τ) (Holtzman et al. 2020, Eq. 4), cut to the nucleus
-    when top_p < 1 (Eq. 2-3), drawn with ``generator``."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # p(x) = exp(z_x/τ) / Σ_x' exp(z_x'/τ)
+    when top_p < 1 (Eq. 2-3), drawn with ``generator``. Any τ > 0: as τ → 0 it tends to greedy decoding (uniform
+    over the tokens that tie for the largest logit)."""
+    z = logits.double()  # τ as small as 5e-324 (a double's smallest) stays > 0; in fp32 it would round to 0
+    # softmax is shift-invariant: softmax(z/τ) = softmax((z − max z)/τ) (Goodfellow et al. 2016, "Deep Learning",
+    # §4.1). Shifted, every exponent is ≤ 0 and the largest is exactly 0: z/τ itself overflows to inf for a tiny τ
+    # (inf − inf = nan inside softmax), (z − max z)/τ only goes to −inf, whose exp is 0.
+    probs = torch.softmax((z - z.amax(-1, keepdim=True)) / temperature, dim=-1)  # exp(z_x/τ) / Σ_x' exp(z_x'/τ)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)  # ties keep argmax's first index
         before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens

@@ -16,6 +16,11 @@ they are. minipeft's own files (``save_adapter``) are named ``minipeft_adapter.*
     export_peft(model, name, directory)     minipeft LoRA -> peft files (PeftModel.from_pretrained reads them)
     import_peft(model, directory, name)     peft LoRA files -> a minipeft LoRA adapter on ``model``
 
+**peft's options.** Each field of peft's ``LoraConfig`` is honoured or refused by name (``check_peft_fields``).
+A PiSSA or OLoRA adapter (``init_lora_weights="pissa"`` / ``"olora"``, saved without peft's conversion) was trained on
+W0 − s·B0A0, B0 A0 taken from W0 (its SVD / QR), which peft's reload recomputes; ``import_peft`` recomputes B0, A0
+the same way and imports the plain LoRA of rank 2r that computes the same, [B | B0][A; −A0], W0 left as it is.
+
 Other methods have no peft equivalent here (peft has no bottleneck, Compacter or parallel adapter; its prefix
 tuning keeps virtual tokens in ``past_key_values``, not in minipeft's per-layer form): exporting one is an error.
 
@@ -28,6 +33,7 @@ transformers model").
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -47,6 +53,26 @@ UNSUPPORTED = {"use_dora": False, "bias": "none", "lora_bias": False, "fan_in_fa
                "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None,
                "use_qalora": False, "target_parameters": None, "trainable_token_indices": None,
                "alora_invocation_tokens": None}
+# peft LoRA variants (peft 0.21) that change what the adapter computes; set, they are refused like the above
+VARIANTS = {"velora_config": None, "monteclora_config": None, "use_bdlora": None, "arrow_config": None,
+            "kasa_config": None, "megatron_config": None}
+# LoraConfig fields import_peft honours, or that only record how the adapter was made, stored or is run: which
+# Linears got a LoRA (the weights file names each one), an init's own settings, run-time options
+HONOURED = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+            "inference_mode", "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "target_modules",
+            "exclude_modules", "layers_to_transform", "layers_pattern", "runtime_config", "megatron_core",
+            "qalora_group_size", "ensure_weight_tying", "eva_config", "corda_config", "loftq_config", "lora_ga_config"}
+# init_lora_weights: peft reloads these as saved (h = W0 x + s·BAx): the saved A, B are the whole adapter
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+# these moved s·B0A0 out of the base weight when the adapter was made (W = W0 − s·B0A0), and peft's reload does it
+# again from W0: import_peft recomputes B0, A0 from this model's weight (``initial_lora``)
+BASE_CHANGING_INITS = ("pissa", "olora")
+REFUSED_INITS = {  # the base-weight change of these cannot be recomputed from the files and the model
+    "pissa_niter_": "its base-weight change comes from a randomized SVD (torch.svd_lowrank) that peft draws anew at "
+                    "every load",
+    "corda": "its base-weight change comes from calibration data (activation covariances) that is not in the files",
+    "loftq": "it replaces the base weights by their quantization (LoftQ)",
+    "lora_ga": "its base-weight change comes from gradients that are not in the files (peft's own reload drops it)"}
 # Linears a transformers model has and minipeft's backbones do not: a short target must not land on them
 HF_ONLY_LINEARS = ("pooler.dense", "lm_head")
 
@@ -189,10 +215,7 @@ def read_peft_lora(directory: str | Path) -> tuple[dict, dict[str, tuple[torch.T
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in cfg:
             raise ValueError(f"{config_file} lacks {key!r}; a peft LoRA config has r, lora_alpha, target_modules")
-    used = [f"{k}={cfg[k]!r}" for k, default in UNSUPPORTED.items() if cfg.get(k, default) not in (default, None, {}, [])]
-    if used:
-        raise ValueError(f"{config_file} uses {', '.join(used)}, which minipeft's LoRA does not have (it is plain "
-                         f"LoRA: one r and alpha for every layer, no DoRA, no bias, no extra trained modules)")
+    check_peft_fields(cfg, config_file)
     try:
         tensors = load_file(str(weights_file))
     except Exception as e:  # safetensors' own error types for a truncated / corrupt file
@@ -208,6 +231,55 @@ def read_peft_lora(directory: str | Path) -> tuple[dict, dict[str, tuple[torch.T
     if half or not pairs:
         raise ValueError(f"{weights_file}: {'no LoRA tensors' if not pairs else f'A or B missing for {half[:3]}'}")
     return cfg, {p: (ab["A"], ab["B"]) for p, ab in pairs.items()}
+
+
+def check_peft_fields(cfg: dict, config_file: Path) -> None:
+    """Raise, naming the file and the field, unless every field of peft's LoRA config is one import_peft honours
+    (``HONOURED``, ``init_lora_weights`` in ``PLAIN_INITS`` or ``BASE_CHANGING_INITS``) or is left at its default."""
+    empty = (None, False, {}, [], "")
+    used = [f"{k}={cfg[k]!r}" for k, default in {**UNSUPPORTED, **VARIANTS}.items()
+            if cfg.get(k, default) not in (default, *empty)]
+    if used:
+        raise ValueError(f"{config_file} uses {', '.join(used)}, which minipeft's LoRA does not have (it is plain "
+                         f"LoRA: one r and alpha for every layer, no DoRA, no bias, no extra trained modules)")
+    unknown = [f"{k}={v!r}" for k, v in cfg.items() if k not in HONOURED | set(UNSUPPORTED) | set(VARIANTS)
+               and v not in empty]
+    if unknown:
+        raise ValueError(f"{config_file} sets {', '.join(unknown)}: peft options minipeft does not know (a newer "
+                         "peft?); they may change what the adapter computes, so it is not imported")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, bool) or init in PLAIN_INITS or init in BASE_CHANGING_INITS:
+        return
+    why = next((why for start, why in REFUSED_INITS.items() if isinstance(init, str) and init.startswith(start)),
+               "minipeft does not know this init")
+    raise ValueError(f"{config_file} has init_lora_weights={init!r}: {why}, so its function cannot be rebuilt. "
+                     f"import_peft reads init_lora_weights {', '.join(map(repr, PLAIN_INITS))} (the saved A, B are "
+                     f"the whole adapter) and {', '.join(map(repr, BASE_CHANGING_INITS))} (their change to the base "
+                     "weights is recomputed from this model's weights, as peft does on load). Convert it to plain "
+                     "LoRA in peft first: save_pretrained(..., path_initial_model_for_weight_conversion=...)")
+
+
+def initial_lora(weight: torch.Tensor, init: str, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0, B0) of a PiSSA or OLoRA adapter, computed from the pretrained weight W0 (d_out, d_in) in fp32 as peft
+    does when it builds or reloads one (``LoraLayer.pissa_init`` / ``olora_init``); peft then sets the base weight
+    to W0 − s·B0A0, so that the adapter starts as a no-op.
+
+        PiSSA (Meng et al. 2024, §3):   W0 = U S Vᵀ,  B0 = U_r (S_r/s)^½,  A0 = (S_r/s)^½ V_rᵀ  (s·B0A0 = U_r S_r V_rᵀ)
+        OLoRA (Büyükakyüz 2024, §3):    W0 = Q R,     B0 = Q_{:, :r},     A0 = R_{:r, :}
+    """
+    w = weight.detach().float()
+    if init == "pissa":
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)  # (d_out, k), (k,), (k, d_in)
+        root = torch.diag(torch.sqrt(S[:r] / scale))  # (r, r)
+        return root @ Vh[:r], U[:, :r] @ root  # A0 (r, d_in), B0 (d_out, r)
+    Q, R = torch.linalg.qr(w)  # (d_out, k), (k, d_in)
+    return R[:r].contiguous(), Q[:, :r].contiguous()
+
+
+def as_plain_lora(A, B, A0, B0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One plain LoRA of rank 2r for an adapter trained on W0 − s·B0A0 (peft ``subtract_mutated_init``):
+    (W0 − s·B0A0) + s·BA = W0 + s·[B | B0] [A; −A0], so the base weight stays W0."""
+    return torch.cat([A, -A0.to(A.dtype)]), torch.cat([B, B0.to(B.dtype)], dim=1)  # (2r, d_in), (d_out, 2r)
 
 
 def import_peft(model: nn.Module, directory: str | Path, name: str | None = None) -> LoRAConfig:
@@ -245,9 +317,15 @@ def import_peft(model: nn.Module, directory: str | Path, name: str | None = None
     targets = compact_targets(list(found), _linear_names(home))
     if set(match_modules(home, targets, nn.Linear)) != set(found):  # regex-like targets: use the exact paths
         targets = sorted(found)
-    config = LoRAConfig(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0) or 0.0,
-                        targets=targets, rslora=bool(cfg.get("use_rslora", False)),
-                        init="gaussian" if cfg.get("init_lora_weights") == "gaussian" else "kaiming")
+    init = cfg.get("init_lora_weights", True)
+    try:
+        config = LoRAConfig(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0) or 0.0,
+                            targets=targets, rslora=bool(cfg.get("use_rslora", False)),
+                            init="gaussian" if init == "gaussian" else "kaiming")
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{directory / PEFT_CONFIG_FILE}: {e}") from None
+    if init in BASE_CHANGING_INITS:
+        config, found = _without_base_change(config, found, init, linears, directory)
     add_adapter(home, config, name)
     try:
         with torch.no_grad():
@@ -259,6 +337,23 @@ def import_peft(model: nn.Module, directory: str | Path, name: str | None = None
         delete_adapter(home, name)
         raise
     return config
+
+
+def _without_base_change(config: LoRAConfig, found: dict, init: str, linears: dict, directory: Path):
+    """A PiSSA / OLoRA adapter as the plain LoRA of rank 2r that computes what peft's reload computes (in eval mode;
+    ``as_plain_lora``), its s = α/r (α/√r) kept: α doubles (× √2 with rsLoRA), as in peft's own conversion."""
+    merged = [p for p in found if any(getattr(d, "merged", False) for d in getattr(linears[p], "output_deltas", {})
+                                      .values())]
+    if merged:
+        raise ValueError(f"{directory / PEFT_CONFIG_FILE} has init_lora_weights={init!r}, which is defined on the "
+                         f"pretrained weights, but {merged[0]} has a LoRA merged into its weight: unmerge it first")
+    plain = {}
+    for path, (A, B) in found.items():
+        A0, B0 = initial_lora(linears[path].weight, init, config.r, config.scale)
+        plain[path] = as_plain_lora(A, B, A0, B0)
+    alpha = config.alpha * (math.sqrt(2) if config.rslora else 2)
+    return LoRAConfig(r=2 * config.r, alpha=alpha, dropout=config.dropout, targets=config.targets,
+                      rslora=config.rslora, init=config.init), plain
 
 
 def _our_linear(hf_path: str, to_ours, modules: dict) -> str | None:
@@ -280,7 +375,9 @@ class TransformersBackbone(nn.Module):
     """Wrap a ``transformers`` model (BertModel, LlamaForCausalLM, ...) so ``SequenceClassifier`` and
     ``minipeft.train.train`` use it: ``forward(input_ids, attention_mask, token_type_ids)`` returns its base
     model's last hidden states (B, T, d) (a causal LM's head is skipped); ``hidden_size`` its width. The wrapped
-    model is ``.model``, so its module names (``query``, ``q_proj``, ``mlp``...) are what adapters target."""
+    model is ``.model``, so its module names (``query``, ``q_proj``, ``mlp``...) are what adapters target.
+    ``train`` tokenizes with the model's own tokenizer: ``tokenizer=``, else the one in its checkpoint directory
+    (``config.name_or_path``; ``tokenizer_dir``)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -294,3 +391,32 @@ class TransformersBackbone(nn.Module):
         base = getattr(self.model, "base_model", self.model)  # LlamaModel inside LlamaForCausalLM; BertModel itself
         extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         return base(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state  # (B, T, d)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+
+
+def tokenizer_dir(encoder: nn.Module) -> str | None:
+    """The checkpoint directory of the tokenizer ``encoder`` reads (``train`` loads it when given no ``tokenizer=``):
+    the directory its weights came from when it holds a tokenizer (a minipeft backbone's, a wrapped transformers
+    model's ``name_or_path``); for minipeft's own backbones made from a config, their family's asset (None: MiniLM's,
+    ``tasks.load_tokenizer``; SmolLM2's for the Decoder). Any other model: a ValueError asking for ``tokenizer=``,
+    never another model's tokenizer."""
+    if isinstance(encoder, TransformersBackbone):
+        home, kind = encoder.model, type(encoder.model).__name__
+    elif isinstance(encoder, Backbone):
+        home, kind = encoder, type(encoder).__name__
+    else:
+        raise ValueError(f"train() cannot tell which tokenizer a {type(encoder).__name__} encoder reads; pass its "
+                         "own: train(model, task, lr, tokenizer=...)")
+    checkpoint = _base_model_name(home)
+    if checkpoint and any((Path(checkpoint) / f).is_file() for f in TOKENIZER_FILES):
+        return str(checkpoint)
+    if isinstance(encoder, Backbone) and encoder.family in ("bert", "llama"):
+        from .backbones.decoder import checkpoint_dir
+
+        return None if encoder.family == "bert" else str(checkpoint_dir())
+    raise ValueError(f"train() needs the tokenizer of this {kind}, and its checkpoint ({checkpoint!r}) is not "
+                     "a local directory with tokenizer files; pass it: train(model, task, lr, "
+                     "tokenizer=AutoTokenizer.from_pretrained(...)) (another model's tokenizer would feed it ids "
+                     "it never learned)")
