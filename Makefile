@@ -35,7 +35,7 @@ results: setup
 	$(PY) -m minipeft report --results results
 
 exercises: setup
-	$(PY) -m minipeft.exercises build
+	$(PY) -m minipeft.course.exercises build
 
 # JupyterLab on the course, offline (no news, update or extension-index requests; lab/overrides.json says never
 # ask), lesson 00 opened. On a remote machine: make lab LAB_ARGS='--no-browser --port 8888', then open the printed

@@ -19,7 +19,7 @@ import torch
 from common import bench_arguments, freeze_to_floor, interleaved_medians, pin_threads, real_batch, training_step
 
 from minipeft import BottleneckConfig, Encoder, add_adapter, train_adapter
-from minipeft.train import SequenceClassifier
+from minipeft.lab.train import SequenceClassifier
 
 ADAPTERS = {"houlsby m=32": BottleneckConfig(placement="houlsby", bottleneck=32),
             "pfeiffer m=64": BottleneckConfig(placement="pfeiffer", bottleneck=64)}

@@ -31,7 +31,7 @@ def pin_threads(n: int = 2) -> None:
 
 def real_batch(batch_size: int = 32, seq_len: int = 64, task: str = "sentiment") -> dict:
     """``batch_size`` real snippets, tokenised and padded/truncated to exactly ``seq_len`` tokens."""
-    from minipeft.tasks import load_task, load_tokenizer
+    from minipeft.lab.tasks import load_task, load_tokenizer
 
     texts = list(load_task(task)["train"]["text"][: batch_size])
     texts = (texts * (batch_size // len(texts) + 1))[:batch_size]

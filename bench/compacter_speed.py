@@ -19,7 +19,7 @@ from minipeft.backbones.encoder import Encoder
 from minipeft.methods.bottleneck import BottleneckConfig
 from minipeft.methods.compacter import CompacterConfig, CompacterPPConfig
 from minipeft.methods.phm import PHMLinear, kron_sum, kron_sum_reference, phm_apply_factored
-from minipeft.train import SequenceClassifier
+from minipeft.lab.train import SequenceClassifier
 
 
 def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, tuple[float, float]]:

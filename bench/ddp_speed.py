@@ -3,7 +3,7 @@
     cd bench && ../.venv/bin/python ddp_speed.py  [--method lora --batch 32 --seq 64 --threads 2 --repeats 5]
 
 One process with ``--threads`` threads trains MiniLM + a recipe's adapter on a global batch of ``--batch`` real
-snippets; two processes with 1 thread each (gloo, ``minipeft.distributed``: its sharded sampler, DDP over the
+snippets; two processes with 1 thread each (gloo, ``minipeft.lab.distributed``: its sharded sampler, DDP over the
 trainable parameters only, the weighted all-reduce) take half the batch each. The two set-ups alternate in
 blocks of ``--block`` steps, ``--repeats`` rounds (this process is rank 0 and also runs the 1-process blocks
 while rank 1 waits on a barrier). Printed: seconds per step of each, and the throughput ratio
@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader
 from minipeft import Encoder
 from minipeft.api import apply_recipe
 from minipeft.core import get_recipe
-from minipeft.distributed import setup, teardown
-from minipeft.train import SequenceClassifier
+from minipeft.lab.distributed import setup, teardown
+from minipeft.lab.train import SequenceClassifier
 
 
 def task_model(encoder, method: str):

@@ -22,7 +22,7 @@ from minipeft.backbones.decoder import Decoder, checkpoint_dir, load_decoder_tok
 
 
 def lm_batch(batch_size: int, seq_len: int, left_pad: bool) -> dict:
-    from minipeft.tasks import load_task
+    from minipeft.lab.tasks import load_task
 
     tok = load_decoder_tokenizer()
     stream = tok("\n".join(load_task("topic")["train"]["text"][:2000]))["input_ids"]

@@ -18,7 +18,7 @@ import torch
 from common import bench_arguments, inference, interleaved_medians, pin_threads, real_batch, training_step
 
 from minipeft import BottleneckConfig, Encoder, FusionConfig, add_adapter, freeze_adapters, train_adapter
-from minipeft.train import SequenceClassifier
+from minipeft.lab.train import SequenceClassifier
 
 
 def main():

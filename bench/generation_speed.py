@@ -17,7 +17,7 @@ from minipeft.generation import generate
 
 def headline_prompt(tok, n_tokens: int) -> list[int]:
     """The first ``n_tokens`` tokens of real BBC headlines, one per line."""
-    from minipeft.tasks import load_task
+    from minipeft.lab.tasks import load_task
 
     stream = tok("\n".join(load_task("topic")["train"]["text"][:200]))["input_ids"]
     return stream[:n_tokens]

@@ -1,4 +1,4 @@
-"""How the headline learning rates (``minipeft.generation_train.GENERATION_LRS``) were chosen.
+"""How the headline learning rates (``minipeft.lab.generation_train.GENERATION_LRS``) were chosen.
 
     .venv/bin/python bench/headline_lr_probe.py lora=1e-3,3e-3 prefix=3e-4,1e-3,3e-3,1e-2 mam=1e-3,3e-3
 
@@ -13,9 +13,9 @@ import torch
 from common import pin_threads
 from torch.utils.data import DataLoader
 
-from minipeft.generation_tasks import load_headline
-from minipeft.generation_train import build_lm, decoder_tokenizer, lm_collate, lm_examples, lm_loss
-from minipeft.train import Budget, make_optimizer
+from minipeft.lab.generation_tasks import load_headline
+from minipeft.lab.generation_train import build_lm, decoder_tokenizer, lm_collate, lm_examples, lm_loss
+from minipeft.lab.train import Budget, make_optimizer
 
 STEPS, BATCH, VALIDATION = 12, 8, 32
 

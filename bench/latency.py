@@ -23,7 +23,7 @@ from minipeft import add_adapter, train_adapter
 from minipeft.backbones.encoder import Encoder
 from minipeft.methods.bottleneck import BottleneckConfig
 from minipeft.methods.parallel import ParallelAdapterConfig, ScaledParallelAdapterConfig, fuse_parallel_ffn
-from minipeft.train import SequenceClassifier
+from minipeft.lab.train import SequenceClassifier
 
 SHAPES = ((1, 32), (32, 128))  # (batch, tokens), as in the issue
 

@@ -20,7 +20,7 @@ from minipeft import add_adapter, train_adapter
 from minipeft.assets import minilm_path
 from minipeft.backbones.encoder import Encoder
 from minipeft.methods.lora import LoRAConfig, lora_layers, merge_adapter, merge_and_unload
-from minipeft.train import SequenceClassifier
+from minipeft.lab.train import SequenceClassifier
 
 
 class HFEncoder(nn.Module):

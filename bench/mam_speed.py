@@ -14,7 +14,7 @@ from common import (bench_arguments, freeze_to_floor, inference, interleaved_med
 from minipeft import add_adapter, eject_prefix, train_adapter
 from minipeft.backbones.encoder import Encoder
 from minipeft.methods.mam import MAMConfig
-from minipeft.train import SequenceClassifier
+from minipeft.lab.train import SequenceClassifier
 
 
 def main():

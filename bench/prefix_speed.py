@@ -15,7 +15,7 @@ from common import freeze_to_floor, inference, interleaved_medians, pin_threads,
 from minipeft import add_adapter, train_adapter
 from minipeft.backbones.encoder import Encoder
 from minipeft.methods.prefix import PrefixConfig, eject_prefix
-from minipeft.train import SequenceClassifier
+from minipeft.lab.train import SequenceClassifier
 
 
 def main():

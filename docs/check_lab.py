@@ -117,7 +117,7 @@ return !!(w && w.content && w.content.widgets && w.content.widgets.length > 0 &&
 FIND_AND_SHOW_CELL = """
 const nb = window.jupyterapp.shell.currentWidget.content;
 const i = nb.widgets.findIndex(c => c.model.type === 'code'
-    && c.model.sharedModel.getSource().includes('minipeft.widgets') && c.model.sharedModel.getSource().includes('explore('));
+    && c.model.sharedModel.getSource().includes('minipeft.course.widgets') && c.model.sharedModel.getSource().includes('explore('));
 if (i < 0) return -1;
 nb.activeCellIndex = i;
 nb.mode = 'command';
@@ -167,7 +167,7 @@ def main() -> int:
         _wait(driver, "JupyterLab to open lesson 00 with an idle kernel", NOTEBOOK_READY, args.timeout)
         index = driver.execute_script(FIND_AND_SHOW_CELL)
         if index < 0:
-            raise SystemExit(f"{LESSON}: no cell imports minipeft.widgets and calls explore()")
+            raise SystemExit(f"{LESSON}: no cell imports minipeft.course.widgets and calls explore()")
         # run it as a learner does: click the cell's prompt area (command mode), then Shift+Enter
         cell = driver.execute_script(CELL_NODE, index)
         prompt = cell.find_element("css selector", ".jp-InputPrompt")

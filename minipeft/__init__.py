@@ -17,6 +17,5 @@ from .methods.fusion import FusionConfig, freeze_adapters, fusion_attention, fus
 from .methods.lora import LoRAConfig, merge_adapter, merge_and_unload, unmerge_adapter  # noqa: F401
 from .methods.parallel import ParallelAdapterConfig, ScaledParallelAdapterConfig  # noqa: F401
 from .methods.prefix import PrefixConfig, eject_prefix  # noqa: F401
-from .transfer import attach_fusion  # noqa: F401  (registers the fusion recipe: compare's fusion runs both stages)
 
 __version__ = "0.1.0"

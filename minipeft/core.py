@@ -152,7 +152,7 @@ def adapter_modules(model: nn.Module, name: str | None = None) -> dict[str, Adap
 
 def regularizers(model: nn.Module) -> list[AdapterModule]:
     """Adapter modules with a ``regularization()`` term for the training loss (AdapterFusion's λ‖I − V‖²_F);
-    ``minipeft.train`` adds the terms of the active ones to every step's loss."""
+    ``minipeft.lab.train`` adds the terms of the active ones to every step's loss."""
     return [m for m in model.modules() if isinstance(m, AdapterModule) and callable(getattr(m, "regularization", None))]
 
 

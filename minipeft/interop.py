@@ -27,7 +27,7 @@ tuning keeps virtual tokens in ``past_key_values``, not in minipeft's per-layer 
 **A ``transformers`` model.** LoRA, a bottleneck adapter (``placement="modules"``) and a parallel adapter
 (``placement="modules"``) attach by module name to any ``nn.Module`` (``core.add_output_delta``), a
 ``transformers`` BertModel or LlamaForCausalLM included; ``TransformersBackbone`` makes such a model the
-``encoder`` of ``train.SequenceClassifier`` so ``minipeft.train.train`` trains it (README: "Use minipeft on a
+``encoder`` of ``train.SequenceClassifier`` so ``minipeft.lab.train.train`` trains it (README: "Use minipeft on a
 transformers model").
 """
 from __future__ import annotations
@@ -373,7 +373,7 @@ def _our_linear(hf_path: str, to_ours, modules: dict) -> str | None:
 
 class TransformersBackbone(nn.Module):
     """Wrap a ``transformers`` model (BertModel, LlamaForCausalLM, ...) so ``SequenceClassifier`` and
-    ``minipeft.train.train`` use it: ``forward(input_ids, attention_mask, token_type_ids)`` returns its base
+    ``minipeft.lab.train.train`` use it: ``forward(input_ids, attention_mask, token_type_ids)`` returns its base
     model's last hidden states (B, T, d) (a causal LM's head is skipped); ``hidden_size`` its width. The wrapped
     model is ``.model``, so its module names (``query``, ``q_proj``, ``mlp``...) are what adapters target.
     ``train`` tokenizes with the model's own tokenizer: ``tokenizer=``, else the one in its checkpoint directory

@@ -17,7 +17,7 @@ def minilm():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from minipeft.tasks import load_tokenizer
+    from minipeft.lab.tasks import load_tokenizer
 
     return load_tokenizer()
 
@@ -25,7 +25,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def sentences():
     """Real review snippets of different lengths (padding is exercised)."""
-    from minipeft.tasks import load_task
+    from minipeft.lab.tasks import load_task
 
     return list(load_task("sentiment", max_test=8)["test"]["text"])
 

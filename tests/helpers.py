@@ -70,7 +70,7 @@ def notebook_functions(name: str, folder: str, functions, prelude: str = "import
     cell that defines one of ``functions``, executed together after ``prelude`` (one may call another)."""
     import nbformat
 
-    from minipeft.exercises import ROOT
+    from minipeft.course.exercises import ROOT
 
     nb = nbformat.read(ROOT / folder / name, as_version=4)
     sources = [c.source for c in nb.cells if c.cell_type == "code"

@@ -11,7 +11,7 @@ from minipeft import (BottleneckConfig, CompacterConfig, CompacterPPConfig, LoRA
 from minipeft.api import CONFIG_FILE, WEIGHTS_FILE
 from minipeft.backbones.encoder import Encoder
 from minipeft.methods.parallel import fuse_parallel_ffn
-from minipeft.train import SequenceClassifier, stored_parameter_count
+from minipeft.lab.train import SequenceClassifier, stored_parameter_count
 from helpers import TOL, assert_unchanged, gap, perturb, run, structure
 
 CONFIGS = {

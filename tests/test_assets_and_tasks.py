@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from minipeft import assets
-from minipeft.tasks import SPLIT_SIZES, TASKS, collate, load_task, tokenize
+from minipeft.lab.tasks import SPLIT_SIZES, TASKS, collate, load_task, tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 

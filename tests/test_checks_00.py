@@ -2,9 +2,9 @@
 import pytest
 from torch import nn
 
-from minipeft.checks.lesson00 import (check_count_parameters, check_encoder_formula, check_training_memory,
+from minipeft.course.checks.lesson00 import (check_count_parameters, check_encoder_formula, check_training_memory,
                                       encoder_terms)
-from minipeft.train import count_parameters, training_state_bytes
+from minipeft.lab.train import count_parameters, training_state_bytes
 
 
 def formula(cfg, drop=None, extra=0):
@@ -100,7 +100,7 @@ def test_unfilled_exercise_raises_not_implemented_and_crashes_are_explained():
 
 import math
 
-from minipeft.checks.lesson00 import MAX_TRAINABLE_CASES, _fits, check_max_trainable, reference_max_trainable
+from minipeft.course.checks.lesson00 import MAX_TRAINABLE_CASES, _fits, check_max_trainable, reference_max_trainable
 
 
 def right_max_trainable(total, ratio):

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minipeft.checks.lesson01 import (check_adapter_forward, check_adapter_parameters, check_placement_parameters,
+from minipeft.course.checks.lesson01 import (check_adapter_forward, check_adapter_parameters, check_placement_parameters,
                                       reference_forward)
 from minipeft.methods.bottleneck import houlsby_count, pfeiffer_count
 
@@ -92,7 +92,7 @@ def test_unfilled_exercise_raises_not_implemented():
 
 # ---- largest_bottleneck --------------------------------------------------------------------------------------
 
-from minipeft.checks.lesson01 import (BUDGET_CASES, _count, check_largest_bottleneck,
+from minipeft.course.checks.lesson01 import (BUDGET_CASES, _count, check_largest_bottleneck,
                                       reference_largest_bottleneck)
 from minipeft.methods.bottleneck import houlsby_count, pfeiffer_count
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minipeft.checks.lesson02 import (CASES, check_lora_forward, check_lora_parameters, check_merge, reference_forward,
+from minipeft.course.checks.lesson02 import (CASES, check_lora_forward, check_lora_parameters, check_merge, reference_forward,
                                       reference_merge)
 
 
@@ -112,7 +112,7 @@ def test_unfilled_exercise_raises_not_implemented():
 
 # ---- rank_for_budget -----------------------------------------------------------------------------------------
 
-from minipeft.checks.lesson02 import RANK_CASES, check_rank_for_budget, reference_rank_for_budget
+from minipeft.course.checks.lesson02 import RANK_CASES, check_rank_for_budget, reference_rank_for_budget
 from minipeft.methods.lora import lora_count
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minipeft.checks.lesson03 import check_compacter_count, check_kron_sum, check_low_rank_B
+from minipeft.course.checks.lesson03 import check_compacter_count, check_kron_sum, check_low_rank_B
 from minipeft.methods.compacter import compacter_count, paper_compacter_count, paper_phm_adapter_count
 
 
@@ -83,7 +83,7 @@ def test_compacter_count_accepts_and_rejects(capsys):
 
 # ---- best_n ------------------------------------------------------------------------------------------------
 
-from minipeft.checks.lesson03 import BEST_N_CASES, check_best_n, phm_weights, reference_best_n
+from minipeft.course.checks.lesson03 import BEST_N_CASES, check_best_n, phm_weights, reference_best_n
 from minipeft.methods.phm import PHMLinear
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minipeft.checks.lesson04 import check_parallel_delta, check_parallel_module
+from minipeft.course.checks.lesson04 import check_parallel_delta, check_parallel_module
 
 
 def reference_delta(x, h, down, up, s):
@@ -114,7 +114,7 @@ def test_unfilled_exercise_raises_not_implemented_and_crashes_are_explained():
 
 # ---- affine_residual -----------------------------------------------------------------------------------------
 
-from minipeft.checks.lesson04 import _residual_cases, check_affine_residual, reference_affine_residual
+from minipeft.course.checks.lesson04 import _residual_cases, check_affine_residual, reference_affine_residual
 
 
 def right_residual(X, Y):

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minipeft.checks.lesson05 import check_prefix_attention
+from minipeft.course.checks.lesson05 import check_prefix_attention
 
 
 def split(t, H):  # (B, T, d) -> (B, H, T, d_h)
@@ -112,7 +112,7 @@ def test_unfilled_and_not_a_function():
 
 # ---- prefix_gate ---------------------------------------------------------------------------------------------
 
-from minipeft.checks.lesson05 import check_prefix_gate, reference_gate
+from minipeft.course.checks.lesson05 import check_prefix_gate, reference_gate
 
 
 def right_gate(q, k, prefix_k, key_mask, num_heads):

@@ -4,8 +4,8 @@ import nbformat
 import pytest
 import torch
 
-from minipeft.checks.lesson06 import check_gated_model, check_gated_sum
-from minipeft.exercises import ROOT
+from minipeft.course.checks.lesson06 import check_gated_model, check_gated_sum
+from minipeft.course.exercises import ROOT
 
 NAME = "06_unified_view_and_mam.ipynb"
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from minipeft.checks.lesson07 import (check_fuse, check_fusion_in_model, check_fusion_parameters,
+from minipeft.course.checks.lesson07 import (check_fuse, check_fusion_in_model, check_fusion_parameters,
                                       check_fusion_scores, check_gap_from_average, check_key_bias_shift)
 from helpers import notebook_functions
 

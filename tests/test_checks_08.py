@@ -7,9 +7,9 @@ import nbformat
 import numpy as np
 import pytest
 
-from minipeft.checks.lesson08 import (check_discordant_rate, check_examples_needed, check_mcnemar_p,
+from minipeft.course.checks.lesson08 import (check_discordant_rate, check_examples_needed, check_mcnemar_p,
                                       check_training_state_mb)
-from minipeft.exercises import ROOT
+from minipeft.course.exercises import ROOT
 
 NAME = "08_comparison.ipynb"
 PRELUDE = "import math\nimport numpy as np\nfrom statistics import NormalDist\n"

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minipeft.checks.lesson09 import (MISTAKES, check_cached_attention, check_cached_decoding, check_kv_cache_numbers,
+from minipeft.course.checks.lesson09 import (MISTAKES, check_cached_attention, check_cached_decoding, check_kv_cache_numbers,
                                       check_rope, mistaken_attention)
 from helpers import notebook_functions
 
@@ -114,7 +114,7 @@ def test_count_mistakes_are_named(wrong, message):
 
 def test_nearest_mistake_is_far_above_the_tolerance():
     """The module docstring's claim: dividing by √d instead of √d_h moves the output by > 0.05 relative."""
-    from minipeft.checks.lesson09 import _inputs, reference_attention
+    from minipeft.course.checks.lesson09 import _inputs, reference_attention
     from minipeft.backbones.decoder import LayerKV
 
     attn, x, prefix, theta = _inputs()

@@ -266,7 +266,7 @@ def test_n_that_does_not_divide_the_hidden_size_rolls_back(model):
 
 @pytest.mark.parametrize("method", ["compacter", "compacter_pp"])
 def test_compare_registration_trains_adapter_and_head_only(method):
-    from minipeft.compare import METHODS, build_model
+    from minipeft.lab.compare import METHODS, build_model
 
     assert METHODS[method].lesson == "03"
     model = build_model(method)
@@ -277,7 +277,7 @@ def test_compare_registration_trains_adapter_and_head_only(method):
 @pytest.mark.parametrize("method", ["compacter", "compacter_pp"])
 @pytest.mark.parametrize("backbone", ["MiniLM-L6", "BERT-base"])
 def test_explorer_entries_match_numel(method, backbone):
-    from minipeft.widgets import BACKBONES, breakdown
+    from minipeft.course.widgets import BACKBONES, breakdown
 
     cfg = BACKBONES[backbone]
     with torch.device("meta"):

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from minipeft import compare
-from minipeft.__main__ import main as cli
-from minipeft.compare import METHODS, MethodSpec, build_model, get_method, load_results, register
+from minipeft.lab import compare
+from minipeft.lab.cli import main as cli
+from minipeft.lab.compare import METHODS, MethodSpec, build_model, get_method, load_results, register
 
 
 def test_registry_has_the_baselines_and_explains_mistakes():
@@ -65,7 +65,7 @@ def test_cli_writes_the_three_files_per_task(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "topic" / "comparison.json").read_bytes() == before
 
     # a lesson reads recorded runs made with its budget, and trains (seed 0) what is not recorded
-    from minipeft.train import Budget
+    from minipeft.lab.train import Budget
     runs = compare.recorded_runs(("full", "lora"), "topic", Budget.fast(), tmp_path)
     assert [r.seed for r in runs["full"]] == [0, 1] and runs["full"][1].losses == data["results"][1]["losses"]
     assert [r.seed for r in runs["lora"]] == [1]
@@ -78,8 +78,8 @@ def test_cli_writes_the_three_files_per_task(tmp_path, capsys, monkeypatch):
 def test_one_builder_gives_the_same_numbers_whatever_ran_before():
     """A lesson builds its models in its own order; compare runs them in lesson order. Through ``build_model``
     (which seeds before building) the same method, task and seed give the same run either way."""
-    from minipeft.compare import run_comparison
-    from minipeft.train import Budget, train
+    from minipeft.lab.compare import run_comparison
+    from minipeft.lab.train import Budget, train
 
     budget = Budget.fast()
     harness = {r.method: r for r in run_comparison(["lora", "prefix"], "topic", [1], budget, quiet=True)}

@@ -31,7 +31,7 @@ def tok():
 @pytest.fixture(scope="module")
 def prompts(tok):
     """Chat prompts of real BBC headlines; prompt i lists the first i + 1 headlines, so lengths all differ."""
-    from minipeft.tasks import load_task
+    from minipeft.lab.tasks import load_task
 
     heads = list(load_task("topic", max_test=4)["test"]["text"])
     return [tok.apply_chat_template([{"role": "user", "content": "Which topic: " + "; ".join(heads[:i + 1])}],

@@ -1,4 +1,4 @@
-"""Training on several processes (minipeft.distributed): 2-process DDP equals 1 process at the same global batch.
+"""Training on several processes (minipeft.lab.distributed): 2-process DDP equals 1 process at the same global batch.
 
 The 2-process run uses gloo on CPU, spawned with ``torch.multiprocessing`` (1 thread per process). Data order:
 every rank draws the one-process permutation (same seeded generator, same DataLoader) and takes its contiguous
@@ -23,8 +23,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from minipeft.core import RECIPES
-from minipeft.distributed import Distributed, ShardedBatchSampler, resolve_device, setup, teardown
-from minipeft.train import Budget, count_parameters, train
+from minipeft.lab.distributed import Distributed, ShardedBatchSampler, resolve_device, setup, teardown
+from minipeft.lab.train import Budget, count_parameters, train
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("lora", "houlsby", "mam")  # LoRA; bottleneck adapters; MAM = prefix (with its MLP) + scaled parallel
@@ -34,7 +34,7 @@ BUDGET = Budget(max_train=37, max_eval=8, max_test=16, epochs=2, batch_size=8, m
 def tiny_model(method: str, seed: int = 0):
     """A 2-layer random encoder (d=32) with the recipe's adapter and a head, every dropout off."""
     from minipeft.backbones.encoder import Encoder, EncoderConfig
-    from minipeft.compare import build_model
+    from minipeft.lab.compare import build_model
 
     torch.manual_seed(seed)
     encoder = Encoder(EncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, dropout=0.0,
@@ -144,7 +144,7 @@ def test_bad_input_is_explained():
 
 
 def cli_error(argv, capsys) -> str:
-    from minipeft.distributed import main
+    from minipeft.lab.distributed import main
 
     with pytest.raises(SystemExit) as e:
         main(argv)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from minipeft import compare, report, transfer
-from minipeft.__main__ import main as cli
-from minipeft.report import check_output_dir, read_record, write_atomic, write_json
+from minipeft.lab import compare, report, transfer
+from minipeft.lab.cli import main as cli
+from minipeft.lab.records import check_output_dir, load_record, read_record, write_atomic, write_json
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"  # committed records: real runs, read without training
 
@@ -27,7 +27,7 @@ def no_training(monkeypatch, tmp_path):
         raise TrainingReached("a model was built: the command was not refused before training")
 
     monkeypatch.setattr(compare, "build_model", refuse)  # transfer and train import it from compare when they run
-    monkeypatch.setattr("minipeft.generation_train.build_lm", refuse)
+    monkeypatch.setattr("minipeft.lab.generation_train.build_lm", refuse)
     monkeypatch.chdir(tmp_path)
 
 
@@ -273,4 +273,4 @@ def test_read_record_names_the_file_and_what_is_wrong(tmp_path):
         read_record(path)
     path.write_text(json.dumps({"task": "t"})[:-1])
     with pytest.raises(ValueError, match=f"{path} is not valid JSON .*line 1 column"):
-        report.load_record(path)
+        load_record(path)

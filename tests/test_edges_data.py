@@ -14,8 +14,8 @@ import math
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Value
 
-from minipeft.tasks import check_task_data, load_task
-from minipeft.train import Budget, SequenceClassifier, seed_everything, train
+from minipeft.lab.tasks import check_task_data, load_task
+from minipeft.lab.train import Budget, SequenceClassifier, seed_everything, train
 from helpers import assert_unchanged, structure
 
 BUDGET = Budget(max_train=16, max_eval=8, max_test=8, epochs=1, batch_size=8, max_length=16, timing_warmup_steps=0)
@@ -187,18 +187,18 @@ def test_train_refuses_a_learning_rate_that_is_not_finite_and_positive(head_mode
 def test_train_refuses_a_budget_beyond_the_encoder_or_of_another_type(head_model):
     refused(head_model, ValueError, r"Budget.max_length 1000 exceeds the encoder's 512 positions; allowed: 1\.\.512",
             "sentiment", 1e-3, dataclasses.replace(BUDGET, max_length=1000))
-    refused(head_model, TypeError, r"budget must be a minipeft.train.Budget \(e.g. Budget.fast\(\)\), got dict",
+    refused(head_model, TypeError, r"budget must be a minipeft.lab.train.Budget \(e.g. Budget.fast\(\)\), got dict",
             "sentiment", 1e-3, {"epochs": 1})
 
 
 def test_train_lm_refuses_a_learning_rate_that_is_not_finite_and_positive():
-    from minipeft.generation_train import build_lm, train_lm
+    from minipeft.lab.generation_train import build_lm, train_lm
 
     model = build_lm("lora", seed=0)
     before = structure(model)
     for lr in (math.inf, math.nan, 0.0, None):
         with pytest.raises(ValueError, match=r"lr must be a finite number > 0 \(AdamW's peak learning rate\)"):
             train_lm(model, "headline", lr, Budget.generation_fast(), quiet=True)
-    with pytest.raises(TypeError, match=r"budget must be a minipeft.train.Budget"):
+    with pytest.raises(TypeError, match=r"budget must be a minipeft.lab.train.Budget"):
         train_lm(model, "headline", 1e-3, {"epochs": 1}, quiet=True)
     assert_unchanged(model, before)

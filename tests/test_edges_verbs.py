@@ -354,7 +354,7 @@ def tiny_llama(directory=None):
 
 
 def classifier(llama):
-    from minipeft.train import SequenceClassifier
+    from minipeft.lab.train import SequenceClassifier
 
     torch.manual_seed(0)
     model = SequenceClassifier(TransformersBackbone(llama), num_labels=2)
@@ -370,8 +370,8 @@ TINY = dict(max_train=16, max_eval=8, max_test=8, epochs=1, batch_size=8, max_le
 
 def test_a_wrapped_llama_trains_with_its_own_tokenizer(tmp_path):
     from minipeft.backbones.decoder import load_decoder_tokenizer
-    from minipeft.tasks import load_tokenizer
-    from minipeft.train import Budget, train
+    from minipeft.lab.tasks import load_tokenizer
+    from minipeft.lab.train import Budget, train
 
     llama = tiny_llama(tmp_path)
     assert tokenizer_dir(TransformersBackbone(llama)) == str(tmp_path)
@@ -386,7 +386,7 @@ def test_a_wrapped_llama_trains_with_its_own_tokenizer(tmp_path):
 
 
 def test_a_model_without_a_tokenizer_on_disk_needs_tokenizer(tmp_path):
-    from minipeft.train import Budget, train
+    from minipeft.lab.train import Budget, train
 
     model = classifier(tiny_llama())  # made from a config: no checkpoint directory
     refused(model, ValueError, r"needs the tokenizer of this LlamaForCausalLM.*tokenizer=",

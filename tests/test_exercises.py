@@ -2,14 +2,14 @@
 unfilled exercise stops at its first check with NotImplementedError. (nbval runs the solutions.)"""
 import pytest
 
-from minipeft.exercises import ROOT, build, render, solution_paths, strip_solutions
-from minipeft.notebook_runner import execute
+from minipeft.course.exercises import ROOT, build, render, solution_paths, strip_solutions
+from minipeft.course.notebook_runner import execute
 
 SOLUTIONS = solution_paths()
 
 
 def test_every_solution_has_an_exercise_and_exercises_are_up_to_date():
-    assert build(write=False) == [], "exercises/ is stale: run `python -m minipeft.exercises build`"
+    assert build(write=False) == [], "exercises/ is stale: run `python -m minipeft.course.exercises build`"
     assert sorted(p.name for p in (ROOT / "exercises").glob("*.ipynb")) == [p.name for p in SOLUTIONS]
 
 

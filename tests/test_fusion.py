@@ -15,7 +15,7 @@ from minipeft import (BottleneckConfig, FusionConfig, LoRAConfig, add_adapter, d
 from minipeft.core import adapter_configs, adapter_modules, regularizers
 from minipeft.methods.bottleneck import Bottleneck
 from minipeft.methods.fusion import PAPER_LR, fusion_count, fusion_layers
-from minipeft.train import Budget, SequenceClassifier, run_epochs
+from minipeft.lab.train import Budget, SequenceClassifier, run_epochs
 
 SOURCES = ["s0", "s1", "s2"]
 

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from minipeft import generate
-from minipeft.compare import main as compare_main
-from minipeft.generation_report import generation_rows
-from minipeft.generation_tasks import headline_prompt, load_headline, rouge, rouge_per_example
-from minipeft.generation_train import (GENERATION_LRS, IGNORE, build_lm, decoder_tokenizer, lm_collate, lm_examples,
+from minipeft.lab.compare import main as compare_main
+from minipeft.lab.generation_report import generation_rows
+from minipeft.lab.generation_tasks import headline_prompt, load_headline, rouge, rouge_per_example
+from minipeft.lab.generation_train import (GENERATION_LRS, IGNORE, build_lm, decoder_tokenizer, lm_collate, lm_examples,
                                        lm_loss, train_lm, write_headlines)
-from minipeft.report import load_all, render_task
-from minipeft.stats import compare_scores
-from minipeft.train import Budget, Result
+from minipeft.lab.report import load_all, render_task
+from minipeft.lab.stats import compare_scores
+from minipeft.lab.train import Budget, Result
 from helpers import TOL
 
 FAST = Budget.generation_fast()

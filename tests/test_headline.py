@@ -2,7 +2,7 @@
 import pytest
 
 from minipeft.assets import asset_path
-from minipeft.generation_tasks import (BODY_TOKENS, TEST_SIZE, VALIDATION_SIZE, headline_prompt, load_headline,
+from minipeft.lab.generation_tasks import (BODY_TOKENS, TEST_SIZE, VALIDATION_SIZE, headline_prompt, load_headline,
                                        rouge)
 
 

@@ -1,5 +1,5 @@
 """peft interop (minipeft LoRA <-> peft LoRA on transformers' BertModel / LlamaForCausalLM) and minipeft's adapters
-on transformers models, trained with ``minipeft.train``. Real weights (MiniLM, SmolLM2-135M), real tokens.
+on transformers models, trained with ``minipeft.lab.train``. Real weights (MiniLM, SmolLM2-135M), real tokens.
 
 Tolerance. The issue asks the same outputs within 1e-5 across the two libraries. That is tighter than ``TOL`` (1e-4,
 tests/helpers.py: what two machines' fp32 GEMMs may differ by over ~15 layers) and holds because both sides run in one
@@ -53,7 +53,7 @@ def smollm2():
 
 def headlines():
     """Three real BBC headlines, left-padded (as generation pads), with the position ids the decoder uses."""
-    from minipeft.tasks import load_task
+    from minipeft.lab.tasks import load_task
 
     tok = load_decoder_tokenizer()
     tok.padding_side = "left"
@@ -278,7 +278,7 @@ def test_import_under_an_existing_name_changes_nothing(model, peft_dir):
     assert_unchanged(model, before)
 
 
-# ---- minipeft's adapters on transformers models, trained with minipeft.train ------------------------------------
+# ---- minipeft's adapters on transformers models, trained with minipeft.lab.train ------------------------------------
 
 def test_lora_on_transformers_bert_equals_lora_on_encoder(model, batch):
     hf = hf_bert()
@@ -322,7 +322,7 @@ TINY_BUDGET = dict(max_train=16, max_eval=8, max_test=8, epochs=1, batch_size=8,
     ParallelAdapterConfig(r=8, placement="modules", targets=["attention.self"])],
     ids=["lora", "bottleneck", "parallel"])
 def test_train_an_adapter_on_transformers_bert(config):
-    from minipeft.train import Budget, SequenceClassifier, train
+    from minipeft.lab.train import Budget, SequenceClassifier, train
 
     torch.manual_seed(0)
     model = SequenceClassifier(TransformersBackbone(hf_bert()), num_labels=2)
@@ -338,7 +338,7 @@ def test_train_an_adapter_on_transformers_bert(config):
 
 
 def test_train_lora_on_transformers_llama(smollm2):
-    from minipeft.train import Budget, SequenceClassifier, train
+    from minipeft.lab.train import Budget, SequenceClassifier, train
 
     tok = load_decoder_tokenizer()
     torch.manual_seed(0)
@@ -357,7 +357,7 @@ if __name__ == "__main__":  # prints the measured interop differences (the numbe
     from pathlib import Path
 
     from minipeft.backbones.encoder import Encoder
-    from minipeft.tasks import load_task, load_tokenizer
+    from minipeft.lab.tasks import load_task, load_tokenizer
 
     torch.set_num_threads(2)
     enc_batch = load_tokenizer()(list(load_task("sentiment", max_test=8)["test"]["text"]), padding=True,

@@ -28,8 +28,8 @@ method.value = "lora"
 def _explorer_cell() -> str:
     cells = nbformat.read(LESSON, as_version=4).cells
     found = [c.source for c in cells if c.cell_type == "code" and "explore(" in c.source
-             and "minipeft.widgets" in c.source]
-    assert found, f"{LESSON.name} has no cell that imports minipeft.widgets and calls explore()"
+             and "minipeft.course.widgets" in c.source]
+    assert found, f"{LESSON.name} has no cell that imports minipeft.course.widgets and calls explore()"
     return found[0]
 
 

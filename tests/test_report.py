@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from minipeft.report import design_markdown, markdown_table, summarise
-from minipeft.train import Result
+from minipeft.lab.report import design_markdown, markdown_table, summarise
+from minipeft.lab.train import Result
 
 LABELS = [i % 2 for i in range(200)]
 

@@ -1,10 +1,10 @@
-"""minipeft.stats on small cases computed by hand (t quantiles from tables, McNemar from binomial sums)."""
+"""minipeft.lab.stats on small cases computed by hand (t quantiles from tables, McNemar from binomial sums)."""
 import math
 
 import numpy as np
 import pytest
 
-from minipeft.stats import (compare, correctness, mcnemar_exact, mean_interval, paired_bootstrap, t_quantile,
+from minipeft.lab.stats import (compare, correctness, mcnemar_exact, mean_interval, paired_bootstrap, t_quantile,
                             verdict, verdict_of)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from minipeft.train import (Budget, Result, SequenceClassifier, backbone_parameter_count, count_parameters,
+from minipeft.lab.train import (Budget, Result, SequenceClassifier, backbone_parameter_count, count_parameters,
                             linear_warmup_decay, seed_everything, stored_parameter_count, train,
                             training_state_bytes)
 from helpers import TOL

@@ -1,15 +1,15 @@
-"""AdapterFusion's two stages (minipeft.transfer) on the real MiniLM and the real tasks, CI's budget."""
+"""AdapterFusion's two stages (minipeft.lab.transfer) on the real MiniLM and the real tasks, CI's budget."""
 import json
 from dataclasses import asdict
 
 import pytest
 
-from minipeft.compare import build_model
-from minipeft.compare import main as compare_main
+from minipeft.lab.compare import build_model
+from minipeft.lab.compare import main as compare_main
 from minipeft.core import RECIPES, adapter_modules, adapter_names
 from minipeft.methods.fusion import fusion_count
-from minipeft.train import Budget, count_parameters
-from minipeft.transfer import (ARMS, FUSION_LR, FUSION_LRS, SOURCES, SOURCES_DIR, TARGET, build_arm,
+from minipeft.lab.train import Budget, count_parameters
+from minipeft.lab.transfer import (ARMS, FUSION_LR, FUSION_LRS, SOURCES, SOURCES_DIR, TARGET, build_arm,
                                fusion_against_controls, load_sources, main, target_budget, train_sources)
 
 RECORD = SOURCES_DIR.parent / "transfer.json"  # the committed study lesson 07 reads

@@ -8,7 +8,7 @@ from minipeft.methods.fusion import fusion_count
 from minipeft.methods.lora import lora_count_encoder
 from minipeft.methods.parallel import parallel_count
 from minipeft.methods.prefix import prefix_training_count
-from minipeft.widgets import BACKBONES, breakdown, explore, has_widget_frontend
+from minipeft.course.widgets import BACKBONES, breakdown, explore, has_widget_frontend
 
 
 def test_full_and_head_counts():

@@ -158,7 +158,11 @@ class FusionLayer(AdapterModule):
 
     def forward(self, x, h, close):
         u = close(h)  # (B, T, d): the query reads the block's output before any adapter
-        z = torch.stack([self.source(n)(x, h, close) for n in self.sources], dim=2)  # (B, T, N, d)
+
+        def closed(h_):  # the sources read the same close(h): computed once, not once per source
+            return u if h_ is h else close(h_)
+
+        z = torch.stack([self.source(n)(x, h, closed) for n in self.sources], dim=2)  # (B, T, N, d)
         q = self.query(u)  # (B, T, d)
         # scores_n = q · (W_K z_n + b_K) = (q W_K) · z_n + q · b_K: one d×d product instead of N
         scores = torch.einsum("btd,btnd->btn", q @ self.key.weight, z) + (q @ self.key.bias).unsqueeze(-1)

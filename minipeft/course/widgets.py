@@ -1,6 +1,6 @@
 """An interactive parameter explorer: pick a method and its size, see what it trains, per layer and in all.
 
-    from minipeft.widgets import explore
+    from minipeft.course.widgets import explore
     explore()            # ipywidgets in Jupyter; a printed table in a terminal, under nbval, or static=True
 
 Registry-driven and exact: every method's recipe (``minipeft.core.RECIPES``, registered in the method's own file)
@@ -15,10 +15,10 @@ import re
 
 import torch
 
-from .backbones.encoder import Encoder, EncoderConfig
-from .api import apply_recipe
-from .core import RECIPES
-from .train import SequenceClassifier
+from ..backbones.encoder import Encoder, EncoderConfig
+from ..api import apply_recipe
+from ..core import RECIPES
+from ..lab.train import SequenceClassifier
 
 BACKBONES = {
     "MiniLM-L6": EncoderConfig.minilm(),

@@ -1,7 +1,7 @@
 """Generate the exercise notebooks from their solutions.
 
-    python -m minipeft.exercises build     # solutions/NN_*.ipynb -> exercises/NN_*.ipynb
-    python -m minipeft.exercises check     # exit 1 if exercises/ is not what build would write
+    python -m minipeft.course.exercises build     # solutions/NN_*.ipynb -> exercises/NN_*.ipynb
+    python -m minipeft.course.exercises check     # exit 1 if exercises/ is not what build would write
 
 In a solution, every region between a line ``### BEGIN SOLUTION`` and a line ``### END SOLUTION`` becomes
 ``raise NotImplementedError("...")`` at the indentation of the BEGIN line; outputs, execution counts and
@@ -16,8 +16,8 @@ from pathlib import Path
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 NOTEBOOK_NAME = re.compile(r"^\d\d_[A-Za-z0-9_]+\.ipynb$")
-ROOT = Path(__file__).resolve().parent.parent
-BANNER = ("*This notebook is generated from `solutions/{name}` by `python -m minipeft.exercises build`; "
+ROOT = Path(__file__).resolve().parents[2]
+BANNER = ("*This notebook is generated from `solutions/{name}` by `python -m minipeft.course.exercises build`; "
           "edit the solution, not this file.* Replace each `raise NotImplementedError(...)` with your "
           "code, then run the check cell below it.")
 
@@ -98,13 +98,13 @@ def build(root: Path = ROOT, write: bool = True) -> list[Path]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minipeft.exercises")
+    p = argparse.ArgumentParser(prog="python -m minipeft.course.exercises")
     p.add_argument("command", choices=("build", "check"))
     p.add_argument("--root", type=Path, default=ROOT, help="repository root (default: this checkout)")
     args = p.parse_args(argv)
     changed = build(args.root, write=args.command == "build")
     if args.command == "check" and changed:
-        sys.exit("out of date (run `python -m minipeft.exercises build`): " + ", ".join(map(str, changed)))
+        sys.exit("out of date (run `python -m minipeft.course.exercises build`): " + ", ".join(map(str, changed)))
     print(("wrote " if args.command == "build" else "up to date: ")
           + (", ".join(map(str, changed)) if changed else "nothing changed"))
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..methods.parallel import ParallelAdapter, ParallelAdapterConfig
+from ...methods.parallel import ParallelAdapter, ParallelAdapterConfig
 from . import call, fail, passed
 
 D, R = 12, 4

@@ -28,11 +28,11 @@ from pathlib import Path
 
 from torch import nn
 
-from .api import add_adapter, load_adapter, save_adapter, set_active, train_adapter
-from .core import RECIPES, Recipe, register_recipe
-from .methods.bottleneck import BottleneckConfig  # noqa: F401  (registers the Pfeiffer recipe)
-from .methods.fusion import FusionConfig, freeze_adapters
-from .report import check_output_dir, read_json, write_json
+from ..api import add_adapter, load_adapter, save_adapter, set_active, train_adapter
+from ..core import RECIPES, Recipe, register_recipe
+from ..methods.bottleneck import BottleneckConfig  # noqa: F401  (registers the Pfeiffer recipe)
+from ..methods.fusion import FusionConfig, freeze_adapters
+from .records import check_output_dir, read_json, write_json
 from .train import Budget, Result, train
 
 SOURCES = ("sentiment", "vader_tweets", "subjectivity", "question")  # two near the target, two far from it
@@ -41,7 +41,7 @@ SOURCE_RECIPE = "pfeiffer"
 FUSION_LRS = (5e-5, 5e-4, 2e-3)  # the paper's 5e-5 (§4, 10 epochs of thousands of examples) and two for our ~70 steps
 FUSION_LR = 2e-3     # chosen on validation by the committed study (results/fusion/transfer.json)
 ARMS = ("head", "adapter", "source_frozen", "source_tuned", "fusion")
-SOURCES_DIR = Path(__file__).resolve().parents[1] / "results" / "fusion" / "sources"  # committed with the course
+SOURCES_DIR = Path(__file__).resolve().parents[2] / "results" / "fusion" / "sources"  # committed with the course
 
 
 def target_budget(n: int, fast: bool = False) -> Budget:
@@ -89,7 +89,7 @@ def load_sources(model: nn.Module, directory=SOURCES_DIR, tasks=SOURCES) -> list
     missing = [t for t in tasks if not (Path(directory) / t).is_dir()]
     if missing:
         raise FileNotFoundError(f"no saved source adapter for {missing} in {directory}; stage 1 makes them: "
-                                f"minipeft.transfer.train_sources({str(directory)!r})")
+                                f"minipeft.lab.transfer.train_sources({str(directory)!r})")
     for task in tasks:
         load_adapter(model, Path(directory) / task, name=task)
     freeze_adapters(model, *tasks)

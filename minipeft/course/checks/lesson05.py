@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.encoder import Attention, EncoderConfig
+from ...backbones.encoder import Attention, EncoderConfig
 from . import call, fail, max_error, passed
 
 TINY = EncoderConfig(vocab_size=100, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,

@@ -11,7 +11,7 @@ the end-of-turn token that closes it are scored, the prompt's are masked out:
     L = −(1 / Σ_b m_b) Σ_b Σ_{i ∈ Y_idx(b)} log softmax(W_e h_{i−1})[z_i]        (mean over scored tokens)
 
 Only those positions go through the output embedding W_e (49,152 × 576): the logits of the prompt are never built.
-The loop is ``minipeft.train``'s (AdamW, linear warm-up and decay, clipping, the same ``Budget`` and ``Result``);
+The loop is ``minipeft.lab.train``'s (AdamW, linear warm-up and decay, clipping, the same ``Budget`` and ``Result``);
 after each epoch the validation headlines are written greedily and scored (``val_acc`` holds their ROUGE-L), and
 at the end the test split's (``test_acc`` = ROUGE-L F1, ``test_predictions`` = the headlines, for paired tests).
 ``zero_shot`` trains nothing: the instruct model prompted as it is, the baseline.
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones.contract import find_backbone
-from .generation import generate
+from ..backbones.contract import find_backbone
+from ..generation import generate
 from .generation_tasks import GENERATION_TASKS, HEADLINE_NEW_TOKENS, headline_prompt, load_headline, rouge
 from .train import (Budget, PeakMemory, Result, backbone_parameter_count, check_budget, check_lr, count_parameters,
                     default_device, make_optimizer, seed_everything, stored_parameter_count, training_state_bytes,
@@ -49,7 +49,7 @@ GENERATION_LRS: dict[str, float | None] = {"zero_shot": None, "lora": 3e-3, "pre
 
 @lru_cache(maxsize=1)
 def decoder_tokenizer():
-    from .backbones.decoder import load_decoder_tokenizer
+    from ..backbones.decoder import load_decoder_tokenizer
 
     return load_decoder_tokenizer()
 
@@ -57,9 +57,9 @@ def decoder_tokenizer():
 def build_lm(method: str = "zero_shot", seed: int = 0, decoder=None) -> nn.Module:
     """Seed, load SmolLM2-135M-Instruct (or use ``decoder``), freeze it and attach ``method``'s registered recipe
     (``minipeft.core.RECIPES``: its config and size), the only part that trains; ``zero_shot`` attaches nothing."""
-    from .api import apply_recipe
-    from .backbones.decoder import Decoder
-    from .core import get_recipe
+    from ..api import apply_recipe
+    from ..backbones.decoder import Decoder
+    from ..core import get_recipe
 
     if method not in GENERATION_LRS:
         raise ValueError(f"method {method!r} is not compared on generation tasks; allowed: {list(GENERATION_LRS)}")
@@ -122,7 +122,7 @@ def write_headlines(model: nn.Module, bodies, tokenizer, budget: Budget, progres
 
 def lm_epochs(model, params, lr, loader, budget: Budget, device, validate, desc: str, quiet: bool = False):
     """``budget.epochs`` passes of the masked LM loss over ``loader`` (AdamW, warm-up and decay, clipping, as
-    ``minipeft.train``); returns the loss and seconds of every step and ``validate()`` after each epoch."""
+    ``minipeft.lab.train``); returns the loss and seconds of every step and ``validate()`` after each epoch."""
     from tqdm import tqdm
 
     opt, sched = make_optimizer(params, lr, budget, total_steps=budget.epochs * len(loader))
@@ -213,7 +213,7 @@ def run_generation_comparison(methods=None, task: str = "headline", seeds=(0,), 
                               quiet: bool = False, on_result=None) -> list[Result]:
     """Each method (all of ``GENERATION_LRS`` by default) per seed with one budget; ``on_result(results_so_far)``
     after each run (``compare.main`` writes the files then)."""
-    from .core import get_recipe
+    from ..core import get_recipe
 
     budget = budget or Budget.for_task(task)
     results = []

@@ -18,11 +18,11 @@ import copy
 import torch
 from torch import nn
 
-from ..api import add_adapter
-from ..backbones.encoder import Encoder, EncoderConfig
-from ..core import AdapterModule, adapter_modules
-from ..methods.composite import Gate
-from ..methods.mam import adapter_lora
+from ...api import add_adapter
+from ...backbones.encoder import Encoder, EncoderConfig
+from ...core import AdapterModule, adapter_modules
+from ...methods.composite import Gate
+from ...methods.mam import adapter_lora
 from . import fail, max_error, passed
 
 TINY = EncoderConfig(vocab_size=100, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,

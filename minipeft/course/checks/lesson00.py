@@ -1,15 +1,15 @@
 """Lesson 00 checks: counting parameters, the encoder's closed-form size, the memory of training.
 
-References: ``minipeft.train.count_parameters``, ``Encoder`` built on the meta device (``numel``),
-``minipeft.train.training_state_bytes``.
+References: ``minipeft.lab.train.count_parameters``, ``Encoder`` built on the meta device (``numel``),
+``minipeft.lab.train.training_state_bytes``.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..backbones.encoder import Encoder, EncoderConfig
-from ..train import count_parameters, training_state_bytes
+from ...backbones.encoder import Encoder, EncoderConfig
+from ...lab.train import count_parameters, training_state_bytes
 from . import call, explain, fail, need_int, passed
 
 MINILM = EncoderConfig.minilm()

@@ -185,10 +185,10 @@ def accuracy_text(result) -> str:
 
 
 def paired_text(a, b, labels) -> str:
-    """A against B on the same test examples (``minipeft.stats.compare``): the accuracy difference in points with
+    """A against B on the same test examples (``minipeft.lab.stats.compare``): the accuracy difference in points with
     its 95% paired-bootstrap interval, the exact McNemar p, and the verdict ("better" / "within noise" / "worse").
     ``a`` and ``b`` are a Result or a list of Results (seeds, paired in order); ``labels`` the test labels."""
-    from .stats import compare, correctness
+    from ..lab.stats import compare, correctness
 
     a, b = (x if isinstance(x, (list, tuple)) else [x] for x in (a, b))
     y = list(labels)[:len(a[0].test_predictions)]

@@ -35,11 +35,11 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from ..api import add_adapter
-from ..backbones.encoder import Encoder, EncoderConfig
-from ..core import AdapterModule
-from ..methods.bottleneck import BottleneckConfig
-from ..methods.fusion import FusionConfig, FusionLayer, freeze_adapters, fusion_layers
+from ...api import add_adapter
+from ...backbones.encoder import Encoder, EncoderConfig
+from ...core import AdapterModule
+from ...methods.bottleneck import BottleneckConfig
+from ...methods.fusion import FusionConfig, FusionLayer, freeze_adapters, fusion_layers
 from . import call, fail, max_error, need_int, passed
 
 D = 384  # MiniLM's hidden size: the checks run at the real width
@@ -360,7 +360,7 @@ def _pretrained() -> Encoder:
 
 @lru_cache(maxsize=1)
 def _batch():
-    from ..tasks import load_tokenizer
+    from ...lab.tasks import load_tokenizer
 
     b = load_tokenizer()(SENTENCES, padding=True, return_tensors="pt")
     return b["input_ids"], b["attention_mask"]

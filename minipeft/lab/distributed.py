@@ -204,11 +204,11 @@ def main(argv=None) -> int:
     import sys
     from pathlib import Path
 
-    from .api import save_adapter
+    from ..api import save_adapter
     from .compare import Once, check_runs
-    from .core import RECIPES, get_recipe
+    from ..core import RECIPES, get_recipe
     from .generation_tasks import GENERATION_TASKS
-    from .report import check_output_dir, write_json
+    from .records import check_output_dir, write_json
     from .tasks import TASKS
     from .train import Budget
 

@@ -24,10 +24,10 @@ from functools import lru_cache
 import torch
 from datasets import Dataset, DatasetDict, Features, Value
 
-from .assets import asset_path
+from ..assets import asset_path
 from .tasks import SPLIT_SEED
 
-GENERATION_TASKS = ("headline",)  # trained by minipeft.generation_train, scored by ROUGE
+GENERATION_TASKS = ("headline",)  # trained by minipeft.lab.generation_train, scored by ROUGE
 HEADLINE_NEW_TOKENS = 24  # a generated headline's token limit (the references: 5-12 tokens)
 VALIDATION_SIZE = 200
 TEST_SIZE = 300

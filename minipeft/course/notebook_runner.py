@@ -1,6 +1,6 @@
 """Execute notebooks in place with nbclient (kernel python3, working directory = the notebook's folder).
 
-    python -m minipeft.notebook_runner run notebooks/00_setup_and_baselines.ipynb [more.ipynb ...]
+    python -m minipeft.course.notebook_runner run notebooks/00_setup_and_baselines.ipynb [more.ipynb ...]
 
 This is how the committed notebooks get their outputs (a full, not fast, run: unset MINIPEFT_FAST).
 The kernel inherits this process's environment.
@@ -40,7 +40,7 @@ def execute(path, timeout: int = 3600, write: bool = True, kernel: str = "python
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minipeft.notebook_runner")
+    p = argparse.ArgumentParser(prog="python -m minipeft.course.notebook_runner")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute notebooks in place")
     run.add_argument("paths", nargs="+")

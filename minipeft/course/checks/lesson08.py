@@ -13,7 +13,7 @@ The learner writes four small functions:
     discordant_rate(pred_a, pred_b, labels) -> q    the fraction of (seed, example) pairs where exactly one of
                                                     the two methods is right
 
-References: ``minipeft.stats.mcnemar_exact``, ``minipeft.train.training_state_bytes``, and the committed
+References: ``minipeft.lab.stats.mcnemar_exact``, ``minipeft.lab.train.training_state_bytes``, and the committed
 ``results/<task>/comparison.json`` (full fine-tuning and head-only are always in it). Each check compares on
 fixed inputs and on the real results, and names the usual mistakes by the values they give.
 """
@@ -26,9 +26,9 @@ from statistics import NormalDist
 import numpy as np
 
 from ..exercises import ROOT
-from ..report import by_method, load_record
-from ..stats import correctness, mcnemar_exact
-from ..train import training_state_bytes
+from ...lab.records import by_method, load_record
+from ...lab.stats import correctness, mcnemar_exact
+from ...lab.train import training_state_bytes
 from . import call, fail, passed
 
 TASKS = ("question", "topic", "sentiment")
@@ -221,7 +221,7 @@ def mcnemar_cases() -> list[tuple[str, np.ndarray, np.ndarray]]:
 
 
 def check_mcnemar_p(fn) -> None:
-    """``fn(correct_a, correct_b) -> p``: the exact two-sided McNemar p, as ``minipeft.stats.mcnemar_exact``."""
+    """``fn(correct_a, correct_b) -> p``: the exact two-sided McNemar p, as ``minipeft.lab.stats.mcnemar_exact``."""
     name = "mcnemar_p"
     seen, zero = [], set()
     for where, a, bb in mcnemar_cases():
@@ -245,7 +245,7 @@ def check_mcnemar_p(fn) -> None:
            "Count b = #(A right, B wrong) and c = #(A wrong, B right); under 'no difference' each discordant pair "
            "goes either way with probability 1/2, so p = min(1, 2·P(X ≤ min(b, c))) with X ~ Binomial(b + c, 1/2).",
            special)
-    passed(name, "equals minipeft.stats.mcnemar_exact on 8 fixed pairs (b = 1, c = 6 among them) and on full vs "
+    passed(name, "equals minipeft.lab.stats.mcnemar_exact on 8 fixed pairs (b = 1, c = 6 among them) and on full vs "
                  "head from results/question (one seed, both orders, and all seeds pooled)")
 
 
@@ -297,7 +297,7 @@ MEMORY_CASES = ((22_713_216, 22_713_216, "MiniLM, everything trainable"),
 
 def check_training_state_mb(fn) -> None:
     """``fn(total_params, trainable_params) -> MiB`` of fp32 weights + gradients + AdamW state, as
-    ``minipeft.train.training_state_bytes`` / 2^20, and as the ``train_state_mb`` every result records."""
+    ``minipeft.lab.train.training_state_bytes`` / 2^20, and as the ``train_state_mb`` every result records."""
     name = "training_state_mb"
     hint = "total_params and trainable_params are ints (N and N_trainable)."
     cases = [(total, trainable, f"{what}: N = {total:,}, N_trainable = {trainable:,}",
@@ -321,7 +321,7 @@ def check_training_state_mb(fn) -> None:
     _judge(name, seen, MEMORY_HINTS, 1e-6, 0.0,
            "Count, in fp32 (4 bytes each): every weight once (N values), and for each trainable one a gradient and "
            "AdamW's two moments (3·N_trainable values); divide the bytes by 2^20.")
-    passed(name, "equals minipeft.train.training_state_bytes / 2^20 on 4 fixed sizes, and the train_state_mb "
+    passed(name, "equals minipeft.lab.train.training_state_bytes / 2^20 on 4 fixed sizes, and the train_state_mb "
                  "recorded for every run in results/")
 
 

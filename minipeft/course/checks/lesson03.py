@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ..methods.compacter import compacter_count
-from ..methods.phm import kron_sum
+from ...methods.compacter import compacter_count
+from ...methods.phm import kron_sum
 from . import call, explain, fail, need_int, passed
 
 

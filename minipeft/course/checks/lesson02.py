@@ -14,9 +14,9 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from ..api import add_adapter
-from ..backbones.encoder import Encoder, EncoderConfig
-from ..methods.lora import LoRAConfig, LoRALinear
+from ...api import add_adapter
+from ...backbones.encoder import Encoder, EncoderConfig
+from ...methods.lora import LoRAConfig, LoRALinear
 from . import call, fail, max_error, need_int, passed
 
 MINILM = EncoderConfig.minilm()

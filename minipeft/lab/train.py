@@ -11,7 +11,7 @@ same numbers (on the same machine and thread count).
 Budgets (``Budget.lesson()``, measured on 2 CPU threads, MiniLM, batch 32 x <=64 tokens): 2,000 training
 examples, 2 epochs = 126 steps; a frozen-encoder step ~0.4 s, a full fine-tuning step ~1 s, so one run takes
 1-3 minutes. ``MINIPEFT_FAST=1`` selects ``Budget.fast()`` (tiny data, same code paths) for CI.
-Learning rates of the baselines: full fine-tuning 1e-4, head only 3e-3 (see ``minipeft.compare``).
+Learning rates of the baselines: full fine-tuning 1e-4, head only 3e-3 (see ``minipeft.lab.compare``).
 """
 from __future__ import annotations
 
@@ -203,7 +203,7 @@ def backbone_parameter_count(backbone: nn.Module) -> int:
     A minipeft backbone is rebuilt from its config on the meta device (exact, no memory); any other module is
     counted as it is (so count it before attaching anything).
     """
-    from .backbones.contract import Backbone
+    from ..backbones.contract import Backbone
 
     return backbone.bare_parameter_count() if isinstance(backbone, Backbone) else count_parameters(backbone)
 
@@ -268,7 +268,7 @@ def versions() -> dict:
     import datasets
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"minipeft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "datasets": datasets.__version__, "python": platform.python_version(),
@@ -374,7 +374,7 @@ def train(model: SequenceClassifier, task, lr: float, budget: Budget | None = No
     of ``tasks.check_task_data``); return a Result.
 
     Seed first, build the model after ``seed_everything(seed)`` (the head's init is then seeded too);
-    ``minipeft.compare.build_model`` does both. ``distributed`` (``minipeft.distributed.setup()``): this process's
+    ``minipeft.lab.compare.build_model`` does both. ``distributed`` (``minipeft.lab.distributed.setup()``): this process's
     part of a DistributedDataParallel run (its slice of each batch of ``budget.batch_size``) and/or bf16 autocast.
     """
     params = trainable_parameters(model, lr)  # everything is checked before the model is touched
@@ -382,7 +382,7 @@ def train(model: SequenceClassifier, task, lr: float, budget: Budget | None = No
     dd = task_data(task, budget, model.num_labels)
     seed_everything(seed)
     device = torch.device(device) if device is not None else default_device()
-    from .interop import tokenizer_dir  # the encoder's own tokenizer, never another model's
+    from ..interop import tokenizer_dir  # the encoder's own tokenizer, never another model's
     train_dl, evals = _loaders(dd, budget, seed, tokenizer or _tokenizer(tokenizer_dir(model.encoder)))
     task_name = task if isinstance(task, str) else getattr(task, "name", "custom")
 
@@ -417,7 +417,7 @@ def train(model: SequenceClassifier, task, lr: float, budget: Budget | None = No
 def check_budget(budget, model: nn.Module) -> Budget:
     """``budget``, once it is a Budget whose ``max_length`` fits the encoder's positions (when it states them)."""
     if not isinstance(budget, Budget):
-        raise TypeError(f"budget must be a minipeft.train.Budget (e.g. Budget.fast()), got {type(budget).__name__}")
+        raise TypeError(f"budget must be a minipeft.lab.train.Budget (e.g. Budget.fast()), got {type(budget).__name__}")
     cfg = getattr(getattr(model, "encoder", None), "cfg", None)
     if hasattr(cfg, "max_position") and hasattr(cfg, "position_offset"):
         positions = cfg.max_position - cfg.position_offset
@@ -454,7 +454,7 @@ def run_epochs(model, params, opt, sched, train_dl, validation_dl, budget: Budge
     accuracy after each epoch."""
     from tqdm import tqdm
 
-    from .core import regularizers
+    from ..core import regularizers
 
     extra = regularizers(model)  # method-specific loss terms (AdapterFusion's λ‖I − V‖²_F); none for most methods
     losses, step_times, val_acc = [], [], []

@@ -29,8 +29,8 @@ from functools import lru_cache
 
 import torch
 
-from ..backbones.decoder import LayerKV, rotary, rotate_half
-from ..generation_train import decoder_tokenizer as tokenizer
+from ...backbones.decoder import LayerKV, rotary, rotate_half
+from ...lab.generation_train import decoder_tokenizer as tokenizer
 from . import call, fail, max_error, need_int, passed
 
 TOL = 1e-4  # relative to the largest reference value; see the module docstring
@@ -42,7 +42,7 @@ PROMPT = "The prefix sits in front of every token, at no position of its own."
 
 @lru_cache(maxsize=1)
 def decoder():
-    from ..backbones.decoder import Decoder
+    from ...backbones.decoder import Decoder
 
     return Decoder.from_pretrained().eval()
 
@@ -229,9 +229,9 @@ def check_cached_attention(fn) -> None:
 def check_cached_decoding(fn, new_tokens: int = 8) -> None:
     """SmolLM2 with a prefix of 5 positions (real words' keys/values) decodes a prompt greedily with ``fn`` in
     place of every layer's attention: the same tokens as ``minipeft.generate``."""
-    from ..api import add_adapter, delete_adapter
-    from ..generation import generate
-    from ..methods.prefix import PrefixConfig
+    from ...api import add_adapter, delete_adapter
+    from ...generation import generate
+    from ...methods.prefix import PrefixConfig
 
     name = "cached_decoding"
     model, tok = decoder(), tokenizer()
@@ -263,8 +263,8 @@ def check_cached_decoding(fn, new_tokens: int = 8) -> None:
 
 def check_kv_cache_numbers(fn) -> None:
     """``fn(L, H_kv, d_h, l, S) -> int`` against the numel of a real KVCache (one prompt)."""
-    from ..api import add_adapter, delete_adapter
-    from ..methods.prefix import PrefixConfig
+    from ...api import add_adapter, delete_adapter
+    from ...methods.prefix import PrefixConfig
 
     name = "kv_cache_numbers"
     model = decoder()

@@ -4,7 +4,7 @@
     print(generation_table(results, references))
 
 A row's ``vs_zero_shot`` compares the method's headlines with the untrained model's on the same test articles,
-example by example (``minipeft.stats.compare_scores``: per-article ROUGE-L difference averaged over seeds,
+example by example (``minipeft.lab.stats.compare_scores``: per-article ROUGE-L difference averaged over seeds,
 bootstrap interval, paired t-test, verdict). Zero-shot decodes greedily and trains nothing, so every seed of it
 writes the same headlines: one run of it is paired with every seed of the others.
 """
@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from .generation_tasks import rouge_per_example
-from .report import by_method, load_record, save_figure, training_memory_mb, write_atomic
+from .records import by_method, load_record, save_figure, training_memory_mb, write_atomic
 from .stats import ScoreComparison, compare_scores, mean_interval
 from .train import Result
 
@@ -120,7 +120,7 @@ def render_generation(path) -> dict[str, Path]:
         f"Seeds: {sorted({r.seed for r in results})}; ROUGE F1 × 100 on all {len(references)} test articles "
         "(greedy headlines), mean ± the half-width of its 95% Student t interval over seeds. `vs zero-shot`: the "
         "paired difference in ROUGE-L from the untrained model's headlines on the same articles, its 95% bootstrap "
-        "interval and the paired t-test (`minipeft.stats.compare_scores`). Zero-shot trains nothing and decodes "
+        "interval and the paired t-test (`minipeft.lab.stats.compare_scores`). Zero-shot trains nothing and decodes "
         "greedily: one run stands for every seed. s/step: median over the steps; run s: training and writing the "
         f"validation and test headlines.\n\nCommand: `{record['command']}`\n\n"
         + "".join(f"Added by: `{a['command']}`\n\n" for a in record.get("added", []))

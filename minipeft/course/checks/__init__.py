@@ -2,8 +2,8 @@
 
 A check takes the learner's function or module, runs it on fixed inputs against the package's reference,
 and either prints one success line (``passed``) or raises ``AssertionError`` saying what is wrong and where
-to look. A lesson's checks are named ``check_<what>``; add yours in ``minipeft/checks/lessonNN.py`` and
-import them in the notebook as ``from minipeft.checks.lessonNN import check_...``.
+to look. A lesson's checks are named ``check_<what>``; add yours in ``minipeft/course/checks/lessonNN.py`` and
+import them in the notebook as ``from minipeft.course.checks.lessonNN import check_...``.
 """
 from __future__ import annotations
 

@@ -13,9 +13,9 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..api import add_adapter
-from ..backbones.encoder import Encoder, EncoderConfig
-from ..methods.bottleneck import Bottleneck, BottleneckConfig
+from ...api import add_adapter
+from ...backbones.encoder import Encoder, EncoderConfig
+from ...methods.bottleneck import Bottleneck, BottleneckConfig
 from . import call, explain, fail, max_error, need_int, passed
 
 MINILM = EncoderConfig.minilm()

@@ -3,7 +3,7 @@
     python -m minipeft compare [--tasks topic] [--seeds 0] [--fast] [--methods full head] [--out runs]
 
 writes, per task, ``<out>/<task>/comparison.json`` (every Result, the test labels, the machine and its load
-average, versions, the command), ``comparison.md`` (the table of ``minipeft.report``: mean and 95% interval
+average, versions, the command), ``comparison.md`` (the table of ``minipeft.lab.report``: mean and 95% interval
 over seeds, paired test against full fine-tuning) and ``comparison.png`` (accuracy vs % of the backbone trained).
 
 The methods are the recipes their own files register (``minipeft.core.Recipe``), e.g. in ``methods/lora.py``::
@@ -23,10 +23,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from .api import apply_recipe
-from .core import RECIPES, Recipe, get_recipe, register_recipe
+from ..api import apply_recipe
+from ..core import RECIPES, Recipe, get_recipe, register_recipe
 from .report import markdown_table, plot, render_task, summarise  # noqa: F401  (lessons read them here)
-from .report import check_output_dir, read_record, write_json
+from .records import check_output_dir, read_record, write_json
 from .train import Budget, Result, SequenceClassifier, seed_everything, train
 
 
@@ -73,7 +73,7 @@ def build_model(spec: MethodSpec | str, task: str = "sentiment", seed: int = 0, 
                 size=None) -> SequenceClassifier:
     """Seed, load the pretrained encoder (or use ``encoder``), add a head for ``task``, apply the recipe (its
     adapter at ``size`` on the recipe's knob, default the knob's default)."""
-    from .backbones.encoder import Encoder
+    from ..backbones.encoder import Encoder
     from .tasks import TASKS
 
     spec = get_method(spec) if isinstance(spec, str) else spec
