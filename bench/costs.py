@@ -23,7 +23,8 @@ from common import bench_arguments, inference, interleaved_medians, pin_threads,
 
 from minipeft.api import adapter_modules, for_inference
 from minipeft.backbones.encoder import Encoder
-from minipeft.lab.compare import build_model, in_lesson_order, machine
+from minipeft.core import in_lesson_order
+from minipeft.lab.compare import build_model, machine
 from minipeft.lab.records import check_output_dir, read_json, write_atomic, write_json
 
 SHAPES = {"batch 1": 1, "batch 32": 32}

@@ -250,15 +250,27 @@ def parameter_summary(model: nn.Module, name: str) -> ParameterSummary:
 
 
 def stored_count(modules) -> int:
-    """Parameters to store for inference of these adapter modules: each module's ``stored_parameter_count()``,
-    less what an earlier module already counted (a tensor shared by several modules is stored once)."""
-    seen, total = set(), 0
-    for module in modules:
-        params = list(module.parameters())
-        shared = sum(p.numel() for p in params if id(p) in seen)
-        seen.update(id(p) for p in params)
-        total += max(0, module.stored_parameter_count() - shared)
-    return total
+    """Parameters one must store per task for inference, in a model or in a list of adapter modules.
+
+    A module that defines ``stored_parameter_count()`` (an adapter: e.g. a prefix whose reparameterisation MLP is
+    dropped after training, Li & Liang 2021 §4.3) reports its own number and the parameters inside it are not
+    counted again; any other parameter counts when it trains. A tensor shared by several modules (Compacter's
+    shared A_i) counts once. A model passed whole is walked, never asked for its own count."""
+    seen: set[int] = set()
+
+    def visit(m: nn.Module, reports: bool = True) -> int:
+        if reports and callable(getattr(m, "stored_parameter_count", None)):
+            params = list(m.parameters())
+            shared = sum(p.numel() for p in params if id(p) in seen)
+            seen.update(id(p) for p in params)
+            return max(0, int(m.stored_parameter_count()) - shared)
+        own = [p for p in m.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in own)
+        return sum(p.numel() for p in own) + sum(visit(c) for c in m.children())
+
+    if isinstance(modules, nn.Module):
+        return visit(modules, reports=False)
+    return sum(visit(m) for m in modules)
 
 
 # ---- saving and loading -------------------------------------------------------------------------------------

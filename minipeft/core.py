@@ -138,6 +138,11 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
+def in_lesson_order(ablations: bool = False) -> list[str]:
+    """The registered recipes' names in the order the course teaches them (lesson 06's ablations too if asked)."""
+    return [n for n in sorted(RECIPES, key=lambda name: RECIPES[name].lesson) if ablations or not RECIPES[n].ablation]
+
+
 # ---- finding things -----------------------------------------------------------------------------------------
 
 def adapter_modules(model: nn.Module, name: str | None = None) -> dict[str, AdapterModule]:

@@ -8,10 +8,10 @@ import torch
 from minipeft import (BottleneckConfig, CompacterConfig, CompacterPPConfig, LoRAConfig, ParallelAdapterConfig,
                       PHMAdapterConfig, PrefixConfig, ScaledParallelAdapterConfig, add_adapter, delete_adapter,
                       load_adapter, parameter_summary, save_adapter)
-from minipeft.api import CONFIG_FILE, WEIGHTS_FILE
+from minipeft.api import CONFIG_FILE, WEIGHTS_FILE, stored_count
 from minipeft.backbones.encoder import Encoder
 from minipeft.methods.parallel import fuse_parallel_ffn
-from minipeft.lab.train import SequenceClassifier, stored_parameter_count
+from minipeft.lab.train import SequenceClassifier
 from helpers import TOL, assert_unchanged, gap, perturb, run, structure
 
 CONFIGS = {
@@ -148,7 +148,7 @@ def test_stored_counts_the_shared_A_once(minilm, config, stored):
     model.requires_grad_(False)
     for p in model.encoder.parameters():
         p.requires_grad_(False)
-    assert stored_parameter_count(model) == stored
+    assert stored_count(model) == stored
 
 
 # ---- the tolerance: far below real bugs ------------------------------------------------------------------------

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from minipeft.api import stored_count
 from minipeft.lab.train import (Budget, Result, SequenceClassifier, backbone_parameter_count, count_parameters,
-                            linear_warmup_decay, seed_everything, stored_parameter_count, train,
+                            linear_warmup_decay, seed_everything, train,
                             training_state_bytes)
 from helpers import TOL
 
@@ -120,14 +121,15 @@ class Ejectable(nn.Module):
 def test_counting_and_the_stored_parameter_hook(bert_base_sized):
     model = nn.Sequential(nn.Linear(4, 3), Ejectable())
     assert count_parameters(model, trainable_only=True) == 115
-    assert stored_parameter_count(model) == 15 + 10
+    assert stored_count(model) == 15 + 10
     model[0].requires_grad_(False)
-    assert stored_parameter_count(model) == 10
+    assert stored_count(model) == 10
     shared = nn.Parameter(torch.zeros(7))
     a, b = Ejectable(), Ejectable()
     a.shared = b.shared = shared
     a.stored_parameter_count = b.stored_parameter_count = lambda: 10 + 7
-    assert stored_parameter_count(nn.Sequential(a, b)) == 10 + 10 + 7  # the shared tensor once
+    assert stored_count(nn.Sequential(a, b)) == 10 + 10 + 7  # the shared tensor once
+    assert stored_count([a, b]) == 10 + 10 + 7  # a list of adapter modules (parameter_summary) the same
     assert backbone_parameter_count(bert_base_sized) == 108_891_648  # BERT-base without its pooler
     assert training_state_bytes(10, 4) == 4 * (10 + 12)
     with pytest.raises(ValueError, match="trainable_params <= total_params"):

@@ -17,7 +17,7 @@ import torch
 
 from ..backbones.encoder import Encoder, EncoderConfig
 from ..api import apply_recipe
-from ..core import RECIPES
+from ..core import RECIPES, in_lesson_order
 from ..lab.train import SequenceClassifier
 
 BACKBONES = {
@@ -78,7 +78,7 @@ def format_breakdown(b: dict) -> str:
 
 def summary_table(cfg: EncoderConfig | str = "MiniLM-L6") -> str:
     """Every registered method at its default size: total trainable and % of the backbone."""
-    rows = [breakdown(m, None, cfg) for m in _in_lesson_order()]
+    rows = [breakdown(m, None, cfg) for m in in_lesson_order(ablations=True)]
     out = [f"| method | size | trainable | % of {rows[0]['backbone']} |", "|---|---|---:|---:|"]
     out += [f"| {r['method']} | {r['size_name'] + ' = ' + str(r['size']) if r['size_name'] else '—'} | "
             f"{r['total']:,} | {r['pct']:.4g} |" for r in rows]
@@ -95,10 +95,6 @@ def _plot(b: dict):
     ax.tick_params(axis="x", labelrotation=45)
     fig.tight_layout()
     plt.show()
-
-
-def _in_lesson_order() -> list[str]:
-    return sorted(RECIPES, key=lambda name: RECIPES[name].lesson)
 
 
 def has_widget_frontend() -> bool:
@@ -118,13 +114,13 @@ def explore(backbone: str = "MiniLM-L6", static: bool | None = None) -> None:
     """Print the summary table; then show the widget (Jupyter) or each method's default breakdown (static)."""
     print(summary_table(backbone))
     if static if static is not None else not has_widget_frontend():
-        for m in _in_lesson_order():
+        for m in in_lesson_order(ablations=True):
             print("\n" + format_breakdown(breakdown(m, None, backbone)))
         return None
     import ipywidgets as w
     from IPython.display import display
 
-    method = w.Dropdown(options=[m for m in _in_lesson_order() if RECIPES[m].knob], description="method")
+    method = w.Dropdown(options=[m for m in in_lesson_order(ablations=True) if RECIPES[m].knob], description="method")
     knob = RECIPES[method.value].knob
     size = w.SelectionSlider(options=list(knob.sizes), value=knob.default, description=knob.name,
                              style={"description_width": "initial"})

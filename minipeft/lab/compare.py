@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..api import apply_recipe
-from ..core import RECIPES, Recipe, get_recipe, register_recipe
+from ..core import RECIPES, Recipe, get_recipe, in_lesson_order, register_recipe
 from .report import markdown_table, plot, render_task, summarise  # noqa: F401  (lessons read them here)
 from .records import check_output_dir, read_record, write_json
 from .train import Budget, Result, SequenceClassifier, seed_everything, train
@@ -33,11 +33,6 @@ from .train import Budget, Result, SequenceClassifier, seed_everything, train
 # Each method file registers its recipes (``minipeft.core.Recipe``); the harness reads them, in lesson order.
 MethodSpec, register, get_method = Recipe, register_recipe, get_recipe
 METHODS = RECIPES
-
-
-def in_lesson_order(ablations: bool = False) -> list[str]:
-    """The compared methods in the order the course teaches them (lesson 06's ablations too if asked)."""
-    return [n for n in sorted(RECIPES, key=lambda name: RECIPES[name].lesson) if ablations or not RECIPES[n].ablation]
 
 
 def check_runs(methods, tasks) -> None:

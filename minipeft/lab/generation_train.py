@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..api import stored_count
 from ..backbones.contract import find_backbone
 from ..generation import generate
 from .generation_tasks import GENERATION_TASKS, HEADLINE_NEW_TOKENS, headline_prompt, load_headline, rouge
 from .train import (Budget, PeakMemory, Result, backbone_parameter_count, check_budget, check_lr, count_parameters,
-                    default_device, make_optimizer, seed_everything, stored_parameter_count, training_state_bytes,
+                    default_device, make_optimizer, seed_everything, training_state_bytes,
                     versions)
 
 IGNORE = -100  # label of a position that is not scored (the prompt, the padding)
@@ -185,7 +186,7 @@ def train_lm(model: nn.Module, task: str = "headline", lr: float | None = None, 
 
     timed = step_times[budget.timing_warmup_steps:] or step_times
     n_total, n_train = count_parameters(model), count_parameters(model, trainable_only=True)
-    n_stored, n_backbone = stored_parameter_count(model), backbone_parameter_count(find_backbone(model))
+    n_stored, n_backbone = stored_count(model), backbone_parameter_count(find_backbone(model))
     return Result(task=task, method=method, config=dict(config or {}), seed=seed, lr=lr or 0.0,
                   budget=asdict(budget), val_acc=val_scores, test_acc=scores["rougeL"], losses=losses,
                   steps=len(losses), sec_per_step=statistics.median(timed) if timed else math.nan,

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..api import stored_count
+
 FAST_ENV = "MINIPEFT_FAST"
 POOLINGS = ("mean", "cls")
 
@@ -170,31 +172,6 @@ class Budget:
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter *elements* (not tensors, not buffers); shared tensors counted once."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-def stored_parameter_count(model: nn.Module) -> int:
-    """Parameters one must store per task after training.
-
-    By default the trainable ones. A module that defines a ``stored_parameter_count()`` method (e.g. a prefix
-    whose reparameterisation MLP is dropped after training, Li & Liang 2021 §4.3) reports its own number, and
-    the parameters inside it are not counted again.
-    """
-    seen: set[int] = set()
-
-    def visit(m: nn.Module) -> int:
-        if m is not model and callable(getattr(m, "stored_parameter_count", None)):
-            # a tensor shared with an already counted module (e.g. Compacter's shared A_i) counts once
-            shared = sum(p.numel() for p in m.parameters() if id(p) in seen)
-            seen.update(id(p) for p in m.parameters())
-            return max(0, int(m.stored_parameter_count()) - shared)
-        n = 0
-        for p in m.parameters(recurse=False):
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                n += p.numel()
-        return n + sum(visit(c) for c in m.children())
-
-    return visit(model)
 
 
 def backbone_parameter_count(backbone: nn.Module) -> int:
@@ -402,7 +379,7 @@ def train(model: SequenceClassifier, task, lr: float, budget: Budget | None = No
 
     timed = step_times[budget.timing_warmup_steps:] or step_times
     n_total, n_train = count_parameters(model), count_parameters(model, trainable_only=True)
-    n_stored, n_backbone = stored_parameter_count(model), backbone_parameter_count(model.encoder)
+    n_stored, n_backbone = stored_count(model), backbone_parameter_count(model.encoder)
     return Result(task=task_name, method=method, config=dict(config or {}), seed=seed, lr=lr,
                   budget=asdict(budget), val_acc=val_acc, test_acc=test_acc, losses=losses, steps=len(losses),
                   sec_per_step=statistics.median(timed), train_seconds=time.perf_counter() - start,
