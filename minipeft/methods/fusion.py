@@ -15,7 +15,7 @@ up-projection, V applied before the weighting (``value_before_softmax``; the sam
 the residual h added after (``residual_before=False``), dropout on the scores (the model's attention dropout).
 Initialisation as there: Q, K ~ N(0, 0.02) with zero biases (BERT's), V = I with 1e-6 off the diagonal. Training
 adds λ Σ_l ‖I − V_l‖²_F (λ = 0.01) to the loss (§3; AdapterHub ``get_fusion_regularization_loss``), which keeps V
-near the identity; ``minipeft.train`` adds every active module's ``regularization()``. The paper trains fusion
+near the identity; ``minipeft.lab.train`` adds every active module's ``regularization()``. The paper trains fusion
 with lr 5e-5 (``PAPER_LR``; §4).
 
 Parameters per layer: Q and K (d² + d each) and V (d², no bias): L(3d² + 2d), independent of N; on BERT-base
