@@ -403,3 +403,13 @@ def test_minipeft_backbones_name_their_tokenizer(minilm, smollm2):
     assert tokenizer_dir(smollm2) == str(checkpoint_dir())
     with pytest.raises(ValueError, match="cannot tell which tokenizer a Linear encoder reads"):
         tokenizer_dir(torch.nn.Linear(2, 2))
+
+
+def test_merging_an_inactive_lora_is_refused(model, batch):
+    """Merging folds ΔW into W0: on an adapter that reads as off it would change the output, so it is refused."""
+    add_adapter(model, LoRAConfig(r=4, alpha=8, targets=["q", "v"]), "m")
+    perturb(model)  # B ≠ 0, so a wrong merge would show
+    deactivate(model, "m")
+    refused(model, RuntimeError, "'m' is inactive.*activate it before merging", lambda: merge_adapter(model, "m"))
+    activate(model, "m")
+    merge_adapter(model, "m")  # the allowed path still works

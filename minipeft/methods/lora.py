@@ -162,6 +162,10 @@ def merge_adapter(model: nn.Module, name: str) -> None:
     done = [p for p, m in layers.items() if m.merged]
     if done:
         raise RuntimeError(f"LoRA {name!r} is already merged (e.g. {done[0]}); weights left unchanged")
+    inactive = [p for p, m in layers.items() if not m.active]
+    if inactive:  # folding ΔW into W0 would change the output of a model that reads the adapter as off
+        raise RuntimeError(f"LoRA {name!r} is inactive (e.g. {inactive[0]}): activate it before merging; "
+                           "weights left unchanged")
     for m in layers.values():
         m.merge()
 
