@@ -171,20 +171,12 @@ def apply_recipe(model: nn.Module, recipe: Recipe, size=None) -> nn.Module:
 
 
 def for_inference(model: nn.Module) -> nn.Module:
-    """Deploy: fold every active LoRA into its weight (W = W0 + (α/r)BA, Hu et al. 2021 §4.1) and drop every
-    prefix's reparameterisation MLP (Li & Liang 2021 §4.3); eval mode. Returns ``model`` (changed in place).
-    What is left of the adapters afterwards is what inference pays for (``adapter_modules(model)``)."""
-    from .methods.lora import LoRALinear, merge_and_unload
-    from .methods.prefix import eject_prefix
-
-    if any(isinstance(m, LoRALinear) and m.active for m in adapter_modules(model).values()):
-        merge_and_unload(model)
-    try:
-        prefixes = list(find_backbone(model).prefixes)
-    except TypeError:  # not a minipeft backbone (e.g. a transformers model): it holds no prefixes
-        prefixes = []
-    for name in prefixes:
-        eject_prefix(model, name)
+    """Deploy: every adapter's own deployment step (``AdapterConfig.deploy``: an active LoRA folds into its weight,
+    W = W0 + (α/r)BA, Hu et al. 2021 §4.1; a prefix drops its reparameterisation MLP, Li & Liang 2021 §4.3; the
+    others keep their modules); eval mode. Returns ``model`` (changed in place). What is left of the adapters
+    afterwards is what inference pays for (``adapter_modules(model)``)."""
+    for name, config in adapter_configs(model).items():
+        config.deploy(model, name)
     return model.eval()
 
 

@@ -7,6 +7,8 @@
   backbone's ``prefixes``, a module's ``output_deltas``), so one model holds several named adapters.
 - An inactive module contributes nothing: a model with every adapter inactive is exactly the base model.
 - An adapter's config is kept once, on the model (``adapter_configs``), never copied onto its modules.
+- A method's deployment step is its config's ``deploy(model, name)``: ``api.for_inference`` asks each attached
+  adapter's config (a class registered here) for it, and knows no method by name.
 - A *recipe* is a method as the course trains it (name, lesson, learning rate, config, size knob): each method
   file registers its own, and ``compare``, the lessons and the parameter explorer read them from ``RECIPES``.
 """
@@ -52,6 +54,10 @@ class AdapterConfig:
     def after_ejection(self) -> "AdapterConfig":
         """The config that rebuilds this adapter once its training-only parts are dropped (default: itself)."""
         return self
+
+    def deploy(self, model: nn.Module, name: str) -> None:
+        """The deployment step ``api.for_inference`` runs for adapter ``name`` of ``model``: fold in or drop what
+        only training needs, keeping the function (LoRA merges, prefix tuning drops its MLP). Default: nothing."""
 
 
 METHODS: dict[str, type[AdapterConfig]] = {}

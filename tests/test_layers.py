@@ -50,7 +50,7 @@ def test_imports_point_down_only():
 
 def test_the_scan_sees_lazy_and_relative_imports():
     found = imported_modules(PACKAGE / "api.py")
-    assert {"minipeft.core", "minipeft.methods.lora"} <= found  # a top-level and a lazy (in-function) import
+    assert {"minipeft.core", "minipeft.methods.fusion"} <= found  # a top-level and a lazy (in-function) import
     assert "minipeft.lab.transfer" in imported_modules(PACKAGE / "lab" / "__init__.py")  # "from . import transfer"
     assert layer("minipeft.lab.train") < layer("minipeft.api") and layer("minipeft.course.widgets") < layer("minipeft.lab")
 

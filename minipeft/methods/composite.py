@@ -103,6 +103,10 @@ class CompositeConfig(AdapterConfig):
     def after_ejection(self) -> "CompositeConfig":
         return CompositeConfig({part: c.after_ejection() for part, c in self.parts.items()}, self.gated)
 
+    def deploy(self, model: nn.Module, name: str) -> None:
+        for config in self.parts.values():  # each part's own step, on the modules of the one name
+            config.deploy(model, name)
+
     def to_dict(self) -> dict:
         return {"parts": {part: {"method": c.method, "config": c.to_dict()} for part, c in self.parts.items()},
                 "gated": self.gated}

@@ -69,6 +69,9 @@ class LoRAConfig(AdapterConfig):
         for linear in match_modules(model, self.targets, nn.Linear).values():
             add_output_delta(linear, name, LoRALinear(name, linear, self))
 
+    def deploy(self, model: nn.Module, name: str) -> None:
+        fold_and_unload(model, name)
+
 
 class LoRALinear(AdapterModule):
     """The LoRA of one adapter on one ``nn.Linear``: returns Δh = (α/r) B A dropout(x); merges into it.
@@ -196,6 +199,18 @@ def merge_and_unload(model: nn.Module, *names: str) -> nn.Module:
         m.merged = False  # its ΔW now belongs to the weight
         remove_output_delta(m.base_layer, m.adapter_name)
     return model
+
+
+def fold_and_unload(model: nn.Module, name: str) -> None:
+    """LoRA's deployment step (``api.for_inference``): if adapter ``name`` is active, W = W0 + (α/r)BA in each of
+    its layers (Hu et al. 2021, §4.1) and its modules go (plain Linears again); inactive, it is left as it is (it
+    adds nothing and can still be activated). Layers behind a UniPELT gate are not folded (the gate depends on x)."""
+    for m in adapter_modules(model, name).values():
+        if isinstance(m, LoRALinear) and m.active:
+            if not m.merged:
+                m.merge()
+            m.merged = False  # its ΔW now belongs to the weight
+            remove_output_delta(m.base_layer, name)
 
 
 # ---- counting --------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from .bottleneck import BottleneckConfig
 from .composite import CompositeConfig, attach_parts
 from .lora import LoRAConfig
 from .parallel import ScaledParallelAdapterConfig, parallel_count, rank_for_budget
-from .prefix import PrefixConfig, prefix_stored_count
+from .prefix import PrefixConfig, eject_prefix, prefix_stored_count
 
 
 @register_method
@@ -83,6 +83,9 @@ class MAMConfig(AdapterConfig):
 
     def after_ejection(self) -> "MAMConfig":
         return dataclasses.replace(self, ejected=True)
+
+    def deploy(self, model: nn.Module, name: str) -> None:
+        eject_prefix(model, name)  # the prefix part keeps only P; the parallel adapter stays
 
 
 def mam_stored_count(d: int, L: int, l: int, r: int, kv_width: int | None = None) -> int:

@@ -85,6 +85,9 @@ class PrefixConfig(AdapterConfig):
     def after_ejection(self) -> "PrefixConfig":
         return dataclasses.replace(self, ejected=True) if self.reparameterize else self
 
+    def deploy(self, model: nn.Module, name: str) -> None:
+        eject_prefix(model, name)  # inference needs only P (Li & Liang 2021, §4.3)
+
 
 class Prefix(AdapterModule):
     """Returns, per layer, (P_k, P_v) each (l, w), w the attention's key/value width (the hidden size d on BERT,
