@@ -109,6 +109,7 @@ class Recipe:
     make: Callable[[object], AdapterConfig] | None = None
     ablation: bool = False                        # a lesson's design-space variant, not one of the compared methods
     not_for_tasks: tuple[str, ...] = ()           # tasks it must not be compared on (fusion: its sources' tasks)
+    order: int = 0                                # place among its lesson's recipes (then registration order)
 
     def __post_init__(self):
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
@@ -122,9 +123,10 @@ class Recipe:
 
     @classmethod
     def adapter(cls, name: str, lesson: str, lr: float, make: Callable[[object], AdapterConfig], knob: Knob,
-                description: str = "", ablation: bool = False) -> "Recipe":
+                description: str = "", ablation: bool = False, order: int = 0) -> "Recipe":
         """The usual recipe: an adapter config at a knob size; its default size's config is recorded."""
-        return cls(name, lesson, lr, None, make(knob.default).to_dict(), description, knob, make, ablation)
+        return cls(name, lesson, lr, None, make(knob.default).to_dict(), description, knob, make, ablation,
+                   order=order)
 
 
 RECIPES: dict[str, Recipe] = {}
@@ -145,8 +147,10 @@ def get_recipe(name: str) -> Recipe:
 
 
 def in_lesson_order(ablations: bool = False) -> list[str]:
-    """The registered recipes' names in the order the course teaches them (lesson 06's ablations too if asked)."""
-    return [n for n in sorted(RECIPES, key=lambda name: RECIPES[name].lesson) if ablations or not RECIPES[n].ablation]
+    """The registered recipes' names in the order the course teaches them (lesson 06's ablations too if asked): by
+    lesson, then ``order``, then registration."""
+    ordered = sorted(RECIPES, key=lambda name: (RECIPES[name].lesson, RECIPES[name].order))
+    return [n for n in ordered if ablations or not RECIPES[n].ablation]
 
 
 # ---- finding things -----------------------------------------------------------------------------------------

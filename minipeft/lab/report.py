@@ -14,7 +14,7 @@ import math
 import statistics
 from pathlib import Path
 
-from ..core import RECIPES
+from ..core import RECIPES, in_lesson_order
 from .generation_report import render_generation
 from .records import (by_method, check_output_dir, load_record, read_json, save_figure, training_memory_mb,
                       write_atomic)
@@ -203,9 +203,8 @@ def design_rows(records: dict[str, dict], costs: dict | None = None) -> list[dic
     memory and its formula (first task's runs), and per task the ``summarise`` row (accuracy, interval, verdict)."""
     per_task = {t: {r["method"]: r for r in summarise(rec["results"], record_labels(rec))}
                 for t, rec in records.items()}
-    methods = sorted({m for rows in per_task.values() for m in rows},
-                     key=lambda m: (RECIPES[m].lesson if m in RECIPES else "99", list(RECIPES).index(m)
-                                    if m in RECIPES else 0))
+    rank = {m: i for i, m in enumerate(in_lesson_order(ablations=True))}
+    methods = sorted({m for rows in per_task.values() for m in rows}, key=lambda m: rank.get(m, len(rank)))
     out = []
     for m in methods:
         first = next(rows[m] for rows in per_task.values() if m in rows)

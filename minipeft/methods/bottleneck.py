@@ -126,3 +126,9 @@ register_recipe(Recipe.adapter(
     knob=Knob("bottleneck m", (2, 8, 16, 32, 48, 64, 128, 256), 64),
     description="Pfeiffer adapter m=64, one per layer at the FFN (1.32% of MiniLM; Pfeiffer et al. 2021): "
                 "L(2md + d + m)"))
+# lesson 06's insertion-form ablation of MAM's FFN part (sequential instead of parallel, same count as parallel r=96)
+register_recipe(Recipe.adapter(
+    "sequential_ffn", lesson="06", lr=2e-3, make=lambda m: BottleneckConfig(placement="ffn", bottleneck=m),
+    knob=Knob("bottleneck m", (8, 16, 32, 64, 96, 128, 256), 96),
+    description="sequential adapter m=96 on the FFN output h (Houlsby's FFN adapter; same count as parallel r=96)",
+    ablation=True, order=2))

@@ -101,7 +101,9 @@ def adapter_lora(m: int = 16, r: int = 8, gated: bool = False) -> CompositeConfi
 
 
 # The design space in miniature (lesson 06), every point at ≈ 2% of MiniLM stored, like the single methods' recipes;
-# besides MAM, the points are ablations (compare runs them when named: --methods adapter_lora ...).
+# besides MAM, the points are ablations (compare runs them when named: --methods adapter_lora ...), each registered
+# with the method it varies: adapter_lora (MAM's composition) here, sequential_ffn in bottleneck.py, parallel_attn
+# in parallel.py; ``order`` keeps lesson 06's order (mam, adapter_lora, sequential_ffn, parallel_attn).
 register_recipe(Recipe.adapter(
     "mam", lesson="06", lr=1e-3, make=lambda budget: MAMConfig(reduction_factor=None, budget=budget),
     knob=Knob("stored budget (fraction of the backbone)", (0.01, 0.02, 0.05, 0.1), 0.02),
@@ -111,14 +113,4 @@ register_recipe(Recipe.adapter(
     "adapter_lora", lesson="06", lr=2e-3, make=lambda m: adapter_lora(m=m, r=8),
     knob=Knob("bottleneck m (+ LoRA r=8)", (8, 16, 32, 64, 80, 128), 80),
     description="the design document's 'MAM': Pfeiffer adapter m=80 + LoRA r=8 on W_q, W_v (≈2%, matched to mam)",
-    ablation=True))
-register_recipe(Recipe.adapter(
-    "sequential_ffn", lesson="06", lr=2e-3, make=lambda m: BottleneckConfig(placement="ffn", bottleneck=m),
-    knob=Knob("bottleneck m", (8, 16, 32, 64, 96, 128, 256), 96),
-    description="sequential adapter m=96 on the FFN output h (Houlsby's FFN adapter; same count as parallel r=96)",
-    ablation=True))
-register_recipe(Recipe.adapter(
-    "parallel_attn", lesson="06", lr=2e-3, make=lambda r: ScaledParallelAdapterConfig(r=r, placement="attn"),
-    knob=Knob("bottleneck r", (8, 16, 32, 64, 96, 128, 256), 96),
-    description="scaled parallel adapter r=96, s=4 at the attention site (the position ablation of He et al. §4.3)",
-    ablation=True))
+    ablation=True, order=1))

@@ -189,3 +189,9 @@ register_recipe(Recipe.adapter(
     "scaled_parallel", lesson="04", lr=2e-3, make=lambda r: ScaledParallelAdapterConfig(r=r, placement="ffn"),
     knob=Knob("bottleneck r", (8, 16, 32, 64, 96, 128, 256, 512), 96),
     description="scaled parallel adapter r=96 on the FFN, s=4 (He et al. 2022, §4.1)"))
+# lesson 06's position ablation (He et al. 2022, §4.3): the scaled parallel adapter at the attention site
+register_recipe(Recipe.adapter(
+    "parallel_attn", lesson="06", lr=2e-3, make=lambda r: ScaledParallelAdapterConfig(r=r, placement="attn"),
+    knob=Knob("bottleneck r", (8, 16, 32, 64, 96, 128, 256), 96),
+    description="scaled parallel adapter r=96, s=4 at the attention site (the position ablation of He et al. §4.3)",
+    ablation=True, order=3))
