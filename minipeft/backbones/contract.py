@@ -9,6 +9,7 @@ that happens explicit, and methods attach only through what is listed here (neve
     backbone.prefixes                                    prefix modules: per layer extra keys/values (l, kv_width)
     backbone.hidden_size, .num_layers, .identity()       what a saved adapter records and checks
     backbone.hf_name(ours) / backbone.our_name(hf)       the two-way name map to the ``transformers`` checkpoint
+    Backbone.from_hf(hf_model)                           loading: one path, each backbone's ``convert_hf_state`` hook
     backbone.cfg + type(backbone)(cfg)                   rebuild (on the meta device) to count the bare backbone
 
 A site is one sublayer ``h = f(x)`` and the block's closing rule:
@@ -91,11 +92,15 @@ class Site(nn.Module):
 class Backbone(nn.Module):
     """Base of every backbone: ``layers`` (blocks with ``attn`` and ``ffn`` sites), ``prefixes``, the layout.
 
-    Subclasses set ``self.cfg``, ``self.layers`` and ``self.attention`` and implement ``HF_NAMES`` (pairs of
-    (transformers fragment, our fragment), applied in order) and ``identity_fields``."""
+    Subclasses set ``self.cfg``, ``self.layers`` and ``self.attention``, and as class attributes ``family``,
+    ``config_class`` (a config dataclass with ``from_hf_dict(hf_config, name)``), ``description`` (for errors)
+    and ``HF_NAMES`` (pairs of (transformers fragment, our fragment), applied in order); a checkpoint whose
+    tensors are not a renaming of ours (fused, transposed) overrides ``convert_hf_state``."""
 
     HF_NAMES: tuple[tuple[str, str], ...] = ()
     family: str = ""
+    config_class: type = None
+    description: str = "backbone"
 
     def __init__(self, cfg):
         super().__init__()
@@ -144,6 +149,69 @@ class Backbone(nn.Module):
             our_key = our_key.replace(ours, hf)
         return our_key
 
+    # ---- loading from transformers: one path, a conversion hook per backbone ---------------------------------
+
+    @classmethod
+    def from_hf(cls, hf_model) -> "Backbone":
+        """Convert a loaded ``transformers`` model (same weights, our modules)."""
+        cfg = cls.config_class.from_hf_dict(hf_model.config.to_dict(), name=hf_model.config.name_or_path)
+        return cls.from_hf_state(cfg, hf_model.state_dict())
+
+    @classmethod
+    def from_hf_dir(cls, path, name: str, hint: str = "", on_meta: bool = False) -> "Backbone":
+        """Load a Hugging Face checkpoint directory (config.json + model.safetensors); the config is checked before
+        the weights are read. ``name``: what ``identity()`` records."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        config_file, weights_file = path / "config.json", path / "model.safetensors"
+        if not path.is_dir() or not config_file.exists() or not weights_file.exists():
+            raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory: expected config.json "
+                                    f"and model.safetensors inside it{hint}")
+        try:
+            cfg = cls.config_class.from_hf_dict(json.loads(config_file.read_text()), name=name)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_file} is not valid JSON ({e})") from None
+        try:
+            weights = load_file(str(weights_file))
+        except Exception as e:  # safetensors' own error types for a truncated or corrupt file
+            raise ValueError(f"{weights_file} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+        return cls.from_hf_state(cfg, weights, source=str(weights_file), on_meta=on_meta)
+
+    @classmethod
+    def from_hf_state(cls, cfg, hf_state: dict, source: str = "the checkpoint", on_meta: bool = False) -> "Backbone":
+        """Build from our config and a ``transformers`` state dict. ``on_meta``: no random init first, the
+        checkpoint's tensors become the parameters (a large model loads without a second copy)."""
+        if on_meta:
+            with torch.device("meta"):
+                model = cls(cfg)
+        else:
+            model = cls(cfg)
+        model.load_hf_state_dict(hf_state, source=source, assign=on_meta)
+        return model.eval()
+
+    def convert_hf_state(self, hf_state: dict) -> dict:
+        """The conversion hook: ``transformers`` tensors -> ours. Default: rename through ``HF_NAMES``; a backbone
+        overrides it to drop tensors it does not hold, transpose or split fused ones."""
+        return {self.our_name(k): v for k, v in hf_state.items()}
+
+    def load_hf_state_dict(self, hf_state: dict, source: str = "the checkpoint", assign: bool = False):
+        """Load converted ``transformers`` tensors; strict: every tensor present, none extra, every shape right."""
+        ours, expected = self.convert_hf_state(hf_state), self.state_dict()
+        missing, unexpected = sorted(set(expected) - set(ours)), sorted(set(ours) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{source} does not fit a {self.description}: missing {missing[:5]} ({len(missing)}), "
+                             f"unexpected {unexpected[:5]} ({len(unexpected)}); this one has {self.num_layers} layers")
+        wrong = [f"{k}: {tuple(v.shape)} where the config says {tuple(expected[k].shape)}"
+                 for k, v in ours.items() if v.shape != expected[k].shape]
+        if wrong:
+            raise ValueError(f"{source} does not match its config ({len(wrong)} tensors of another shape, e.g. "
+                             f"another hidden size): " + "; ".join(wrong[:3]))
+        self.load_state_dict(ours, assign=assign)
+
     def bare_parameter_count(self) -> int:
         """Parameters of this backbone with nothing attached (rebuilt from its config on the meta device)."""
         with torch.device("meta"):
@@ -157,3 +225,34 @@ def find_backbone(model: nn.Module) -> Backbone:
             return candidate
     raise TypeError(f"this method attaches to a minipeft backbone (Encoder, Decoder, or a model whose .backbone "
                     f"is one), got {type(model).__name__}; use its generic targets=... form for other modules")
+
+
+# ---- attention helpers every backbone's attention shares -----------------------------------------------------
+
+def prefixed_keys_values(k: torch.Tensor, v: torch.Tensor, prefix, num_kv_heads: int):
+    """[P_k; K] and [P_v; V], head by head (Li & Liang 2021, §4.2: the prefix's keys/values sit in front of the real
+    ones, used as given). k, v (B, n, T, d_h) with n = num_kv_heads; prefix (P_k, P_v), each (l, n·d_h) or
+    (B, l, n·d_h), as ``Backbone.layer_prefixes`` gives them. Returns (B, n, l + T, d_h) twice."""
+    B, n, _, d_h = k.shape
+    pk, pv = (p.expand(B, -1, -1).view(B, -1, n, d_h).transpose(1, 2) for p in prefix)  # (B, n, l, d_h)
+    return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+
+
+def causal_key_masks(mask: torch.Tensor, past: torch.Tensor) -> Callable[[int], torch.Tensor | None]:
+    """For a causal decoder: n_prefix -> which keys each query may attend, (B, 1, T, l + S + T) bool, or None when
+    plain causal attention is exact (no prefix, no cache, no padding). mask (B, T): the new tokens that are real;
+    past (B, S): the cached ones. Query t (token S + t) sees every prefix position, the real keys j <= S + t, and
+    itself (so a padding row is never all -inf)."""
+    B, T, S = mask.shape[0], mask.shape[1], past.shape[1]
+    real = torch.cat([past, mask], dim=1)  # (B, S + T)
+    j, t = torch.arange(S + T, device=mask.device), torch.arange(T, device=mask.device)[:, None] + S
+    allowed = (real[:, None, :] & (j <= t)) | (j == t)  # (B, T, S + T)
+    plain = S == 0 and bool(mask.all())
+    masks = {}
+
+    def for_prefix(n_prefix: int) -> torch.Tensor | None:
+        if n_prefix not in masks:
+            full = torch.cat([allowed.new_ones(B, T, n_prefix), allowed], dim=2)[:, None]
+            masks[n_prefix] = None if plain and n_prefix == 0 else full
+        return masks[n_prefix]
+    return for_prefix

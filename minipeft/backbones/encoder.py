@@ -11,7 +11,6 @@ named ``nn.Linear``s (q, k, v, o, ffn_in, ffn_out) and ``Encoder.prefixes`` are 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contract import ACTIVATIONS, AttentionLayout, Backbone, Site
+from .registry import BackboneEntry, register_backbone
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 
@@ -158,7 +158,7 @@ class Block(nn.Module):
 class Encoder(Backbone):
     """Embeddings + L post-LN blocks; returns the last hidden states (B, T, d). No pooler."""
 
-    family = "bert"
+    family, config_class, description = "bert", EncoderConfig, "BERT-family encoder"
     HF_NAMES = (  # (transformers fragment, ours), applied in order
         ("embeddings.word_embeddings", "embed.word"), ("embeddings.position_embeddings", "embed.position"),
         ("embeddings.token_type_embeddings", "embed.token_type"), ("embeddings.LayerNorm", "embed.norm"),
@@ -206,56 +206,36 @@ class Encoder(Backbone):
             x = layer(x, key_mask, prefix)
         return x  # (B, T, d)
 
-    # ---- loading pretrained weights ---------------------------------------------------------------------
+    # ---- loading pretrained weights: Backbone.from_hf / from_hf_dir, with this conversion hook ------------
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None) -> "Encoder":
         """Load a Hugging Face checkpoint directory (config.json + model.safetensors); default: MiniLM."""
-        from safetensors.torch import load_file
-
         from ..assets import minilm_path
 
         path = Path(path) if path is not None else minilm_path()
-        config_file, weights_file = path / "config.json", path / "model.safetensors"
-        if not path.is_dir() or not config_file.exists() or not weights_file.exists():
-            raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory: expected config.json "
-                                    "and model.safetensors inside it")
-        try:
-            hf_config = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{config_file} is not valid JSON ({e})") from None
-        model = cls(EncoderConfig.from_hf_dict(hf_config, name=str(config_file)))
-        try:
-            weights = load_file(str(weights_file))
-        except Exception as e:  # safetensors' own error types for a truncated or corrupt file
-            raise ValueError(f"{weights_file} is not a readable safetensors file ({type(e).__name__}: {e})") from None
-        model.load_hf_state_dict(weights, source=str(weights_file))
-        return model.eval()
+        return cls.from_hf_dir(path, name=str(path / "config.json"))
 
-    @classmethod
-    def from_hf(cls, hf_model) -> "Encoder":
-        """Convert a loaded ``transformers`` BertModel / RobertaModel (same weights, our modules)."""
-        cfg = EncoderConfig.from_hf_dict(hf_model.config.to_dict(), name=hf_model.config.name_or_path)
-        model = cls(cfg)
-        model.load_hf_state_dict(hf_model.state_dict())
-        return model.eval()
-
-    def load_hf_state_dict(self, hf_state: dict, source: str = "the checkpoint"):
-        """Map HF names (embeddings.*, encoder.layer.i.*) onto ours; strict apart from pooler/position_ids."""
+    def convert_hf_state(self, hf_state: dict) -> dict:
+        """HF names (bert./roberta. prefix optional) onto ours; the pooler and position_ids are not ours."""
         ours = {}
         for key, value in hf_state.items():
             key = key.split(".", 1)[1] if key.split(".", 1)[0] in ("bert", "roberta") else key
-            if key.startswith("pooler.") or key.endswith("position_ids"):
-                continue
-            ours[self.our_name(key)] = value
-        missing = sorted(set(self.state_dict()) - set(ours))
-        unexpected = sorted(set(ours) - set(self.state_dict()))
-        if missing or unexpected:
-            raise ValueError(f"{source} does not fit a BERT-family encoder: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        wrong = [f"{k}: {tuple(v.shape)} where the config says {tuple(self.state_dict()[k].shape)}"
-                 for k, v in ours.items() if v.shape != self.state_dict()[k].shape]
-        if wrong:
-            raise ValueError(f"{source} does not match its config ({len(wrong)} tensors of another shape, e.g. "
-                             f"another hidden size): " + "; ".join(wrong[:3]))
-        self.load_state_dict(ours)
+            if not (key.startswith("pooler.") or key.endswith("position_ids")):
+                ours[self.our_name(key)] = value
+        return ours
+
+
+def load_encoder_tokenizer(path: str | Path | None = None):
+    """The encoder's tokenizer, from its local checkpoint directory (default: MiniLM); never the hub."""
+    from transformers import AutoTokenizer
+
+    from ..assets import minilm_path
+
+    return AutoTokenizer.from_pretrained(str(path or minilm_path()), local_files_only=True)
+
+
+register_backbone(BackboneEntry(
+    "bert", Encoder, lambda: EncoderConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4,
+                                           intermediate_size=96, max_position=64, name="tiny-bert (random)"),
+    asset="minilm", tokenizer=load_encoder_tokenizer))
