@@ -234,6 +234,9 @@ def prefixed_keys_values(k: torch.Tensor, v: torch.Tensor, prefix, num_kv_heads:
     ones, used as given). k, v (B, n, T, d_h) with n = num_kv_heads; prefix (P_k, P_v), each (l, n·d_h) or
     (B, l, n·d_h), as ``Backbone.layer_prefixes`` gives them. Returns (B, n, l + T, d_h) twice."""
     B, n, _, d_h = k.shape
+    if any(p.dim() not in (2, 3) or p.shape[-1] != n * d_h for p in prefix):
+        raise ValueError(f"prefix keys/values must be (l, {n * d_h}) or (B, l, {n * d_h}): this attention has {n} "
+                         f"key/value heads of width {d_h}; got {[tuple(p.shape) for p in prefix]}")
     pk, pv = (p.expand(B, -1, -1).view(B, -1, n, d_h).transpose(1, 2) for p in prefix)  # (B, n, l, d_h)
     return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import AttentionLayout, Backbone, Site
+from .contract import AttentionLayout, Backbone, Site, causal_key_masks, prefixed_keys_values
 from .registry import BackboneEntry, register_backbone
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -155,22 +155,14 @@ class Attention(Site):
 
     def sublayer(self, x, rope, mask=None, prefix=None, kv: LayerKV | None = None):
         """x (B, T, d); rope (cos, sin); mask (B, 1, T, keys) bool or None (causal); prefix (P_k, P_v)."""
-        B, T, _ = x.shape
         cos, sin = rope
         q, k, v = self.heads(self.q(x), self.H), self.heads(self.k(x), self.H_kv), self.heads(self.v(x), self.H_kv)
         # RoPE (Su et al. 2021, Eq. 34): R_m x = x ⊙ cos(mθ) + rotate_half(x) ⊙ sin(mθ)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if prefix is not None and (kv is None or kv.k is None):  # prefix keys/values in front of the real ones
-            width = self.H_kv * self.d_h
-            if any(p.shape[-1] != width or p.dim() not in (2, 3) for p in prefix):
-                raise ValueError(f"prefix keys/values must be (l, {width}) or (B, l, {width}): this attention has "
-                                 f"{self.H_kv} key/value heads of width {self.d_h}; got "
-                                 f"{[tuple(p.shape) for p in prefix]}")
-            pk, pv = (self.heads(p.expand(B, -1, -1) if p.dim() == 3 else p.expand(B, *p.shape), self.H_kv)
-                      for p in prefix)  # (B, H_kv, l, d_h)
-            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+            k, v = prefixed_keys_values(k, v, prefix, self.H_kv)  # (B, H_kv, l + T, d_h)
             if kv is not None:
-                kv.prefix_len = pk.shape[2]
+                kv.prefix_len = prefix[0].shape[-2]
         if kv is not None:
             k, v = kv.append(k, v)  # (B, H_kv, l + S + T, d_h)
         if mask is None:  # causal, no padding: the fused kernel shares key/value heads itself
@@ -252,26 +244,13 @@ class Decoder(Backbone):
         """input_ids (B, T); attention_mask (B, T), 1 = real token (left or right padding); cache: a KVCache
         holding the S tokens before these (empty on the first call, filled in place). Returns (B, T, d)."""
         self.check_inputs(input_ids, attention_mask, cache)
-        B, T = input_ids.shape
+        B = input_ids.shape[0]
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         first = cache is None or not len(cache)
         past = mask.new_zeros(B, 0) if first else cache.mask  # (B, S)
         # real tokens sit at positions 0..n-1 whatever the padding; padding gets 0 (its output is unused)
         positions = (past.sum(1, keepdim=True) + mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
-        real = torch.cat([past, mask], dim=1)  # (B, S + T): which keys are real tokens
-        S = past.shape[1]
-        # query t (token S + t) sees real keys j <= S + t, and itself (so a padding row is never all -inf)
-        j, t = torch.arange(S + T, device=mask.device), torch.arange(T, device=mask.device)[:, None] + S
-        allowed = (real[:, None, :] & (j <= t)) | (j == t)  # (B, T, S + T)
-        masks = {}
-
-        def mask_for(n_prefix):  # (B, 1, T, l + S + T); every query sees every prefix position; None = causal
-            if n_prefix not in masks:
-                full = torch.cat([allowed.new_ones(B, T, n_prefix), allowed], dim=2)[:, None]
-                simple = n_prefix == 0 and S == 0 and bool(mask.all())
-                masks[n_prefix] = None if simple else full
-            return masks[n_prefix]
-
+        mask_for = causal_key_masks(mask, past)  # n_prefix -> (B, 1, T, l + S + T) or None (plain causal)
         x = self.embed(input_ids)  # (B, T, d)
         rope = tuple(c.to(x.dtype) for c in rotary(positions, self.cfg.head_dim, self.cfg.rope_theta))
         prefixes = self.layer_prefixes() if first else [None] * self.num_layers  # a cache already holds them
@@ -280,7 +259,7 @@ class Decoder(Backbone):
             n_prefix = prefix[0].shape[-2] if prefix is not None else (kv.prefix_len if kv is not None else 0)
             x = layer(x, rope, mask_for(n_prefix), prefix, kv)
         if cache is not None:
-            cache.mask = real
+            cache.mask = torch.cat([past, mask], dim=1)  # (B, S + T)
         return self.final_norm(x)  # (B, T, d)
 
     def logits(self, hidden):
