@@ -266,9 +266,10 @@ def test_n_that_does_not_divide_the_hidden_size_rolls_back(model):
 
 @pytest.mark.parametrize("method", ["compacter", "compacter_pp"])
 def test_compare_registration_trains_adapter_and_head_only(method):
-    from minipeft.lab.compare import METHODS, build_model
+    from minipeft.core import RECIPES
+    from minipeft.lab.compare import build_model
 
-    assert METHODS[method].lesson == "03"
+    assert RECIPES[method].lesson == "03"
     model = build_model(method)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == compacter_count(384, 6, 24, 4, sites=2 if method == "compacter" else 1) + 2 * 384 + 2

@@ -3,21 +3,22 @@ import json
 
 import pytest
 
+from minipeft.core import RECIPES, Recipe, get_recipe, register_recipe
 from minipeft.lab import compare
 from minipeft.lab.cli import main as cli
-from minipeft.lab.compare import METHODS, MethodSpec, build_model, get_method, load_results, register
+from minipeft.lab.compare import build_model, load_results
 
 
 def test_registry_has_the_baselines_and_explains_mistakes():
-    assert {"full", "head"} <= set(METHODS)
+    assert {"full", "head"} <= set(RECIPES)
     with pytest.raises(ValueError, match="unknown method 'no_such_method'; registered methods: .*full.*head"):
-        get_method("no_such_method")
+        get_recipe("no_such_method")
     with pytest.raises(ValueError, match="already registered"):
-        register(METHODS["head"])
+        register_recipe(RECIPES["head"])
     with pytest.raises(ValueError, match="lr of 'x' must be > 0"):
-        MethodSpec("x", lesson="00", lr=0, prepare=lambda m: None)
+        Recipe("x", lesson="00", lr=0, prepare=lambda m: None)
     with pytest.raises(ValueError, match="method name must be"):
-        MethodSpec("a b", lesson="00", lr=1e-3, prepare=lambda m: None)
+        Recipe("a b", lesson="00", lr=1e-3, prepare=lambda m: None)
 
 
 def test_build_model_prepares_the_method():
@@ -85,6 +86,6 @@ def test_one_builder_gives_the_same_numbers_whatever_ran_before():
     harness = {r.method: r for r in run_comparison(["lora", "prefix"], "topic", [1], budget, quiet=True)}
     build_model("houlsby", "topic", seed=3)  # a lesson built (and seeded) something else first
     for name in ("prefix", "lora"):           # ... and runs them in another order
-        spec = get_method(name)
+        spec = get_recipe(name)
         lesson = train(build_model(spec, "topic", seed=1), "topic", spec.lr, budget, seed=1, quiet=True)
         assert lesson.losses == harness[name].losses and lesson.test_predictions == harness[name].test_predictions

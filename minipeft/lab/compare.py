@@ -24,15 +24,11 @@ from pathlib import Path
 from typing import Callable
 
 from ..api import apply_recipe
-from ..core import RECIPES, Recipe, get_recipe, in_lesson_order, register_recipe
-from .report import markdown_table, plot, render_task, summarise  # noqa: F401  (lessons read them here)
+from ..core import RECIPES, Recipe, get_recipe, in_lesson_order
+from .report import markdown_table, render_task
 from .records import check_output_dir, read_record, write_json
 from .train import Budget, Result, SequenceClassifier, seed_everything, train
 
-
-# Each method file registers its recipes (``minipeft.core.Recipe``); the harness reads them, in lesson order.
-MethodSpec, register, get_method = Recipe, register_recipe, get_recipe
-METHODS = RECIPES
 
 
 def check_runs(methods, tasks) -> None:
@@ -54,24 +50,24 @@ def check_runs(methods, tasks) -> None:
             continue
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; available tasks: {sorted(TASKS) + list(GENERATION_TASKS)}")
-        unknown = [m for m in methods if isinstance(m, str) and m not in METHODS]
+        unknown = [m for m in methods if isinstance(m, str) and m not in RECIPES]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; registered methods: {sorted(METHODS)}")
-        for spec in (METHODS[m] if isinstance(m, str) else m for m in methods):
+            raise ValueError(f"unknown method(s) {unknown}; registered methods: {sorted(RECIPES)}")
+        for spec in (RECIPES[m] if isinstance(m, str) else m for m in methods):
             if task in spec.not_for_tasks:
                 raise ValueError(f"method {spec.name!r} cannot run on task {task!r}: it is built from adapters "
                                  f"trained on {list(spec.not_for_tasks)}, no transfer on their own tasks; choose "
                                  "another task")
 
 
-def build_model(spec: MethodSpec | str, task: str = "sentiment", seed: int = 0, encoder=None,
+def build_model(spec: Recipe | str, task: str = "sentiment", seed: int = 0, encoder=None,
                 size=None) -> SequenceClassifier:
     """Seed, load the pretrained encoder (or use ``encoder``), add a head for ``task``, apply the recipe (its
     adapter at ``size`` on the recipe's knob, default the knob's default)."""
     from ..backbones.encoder import Encoder
     from .tasks import TASKS
 
-    spec = get_method(spec) if isinstance(spec, str) else spec
+    spec = get_recipe(spec) if isinstance(spec, str) else spec
     if task not in TASKS:  # a classifier needs a classification task
         raise ValueError(f"unknown task {task!r}; available tasks: {sorted(TASKS)}")
     check_runs([spec], [task])
@@ -93,7 +89,7 @@ def run_comparison(methods=None, task: str = "sentiment", seeds=(0,), budget: Bu
 
         return run_generation_comparison(methods, task, seeds, budget, quiet, on_result)
     budget = budget or Budget.from_env()
-    specs = [get_method(m) for m in (methods or in_lesson_order())]
+    specs = [get_recipe(m) for m in (methods or in_lesson_order())]
     results = []
     for spec in specs:
         for seed in seeds:
@@ -129,7 +125,7 @@ def recorded_runs(methods=("full", "head"), task: str = "sentiment", budget: Bud
             runs[name] = sorted(recorded[name], key=lambda r: r.seed)
             where = f"read from {path} (seeds {[r.seed for r in runs[name]]})"
         else:
-            spec = get_method(name)
+            spec = get_recipe(name)
             runs[name] = [train(build_model(spec, task, 0), task, spec.lr, budget, seed=0, method=name,
                                 config=spec.config, quiet=quiet)]
             where = f"trained here, seed 0 ({path} has no {name} run with this budget)"

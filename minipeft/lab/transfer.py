@@ -29,7 +29,7 @@ from pathlib import Path
 from torch import nn
 
 from ..api import add_adapter, load_adapter, save_adapter, set_active, train_adapter
-from ..core import RECIPES, Recipe, register_recipe
+from ..core import RECIPES, Recipe, get_recipe, register_recipe
 from ..methods.bottleneck import BottleneckConfig  # noqa: F401  (registers the Pfeiffer recipe)
 from ..methods.fusion import FusionConfig, freeze_adapters
 from .records import check_output_dir, read_json, write_json
@@ -57,10 +57,10 @@ def train_sources(directory=SOURCES_DIR, tasks=SOURCES, budget: Budget | None = 
                   quiet: bool = True) -> dict[str, dict]:
     """Stage 1: a Pfeiffer adapter per source task, saved to ``directory/<task>/`` (a task already saved there is
     read, not retrained). Returns {task: {"test_acc", "val_acc"}} of each source on its own task."""
-    from .compare import build_model, get_method
+    from .compare import build_model
 
     directory, budget = Path(directory), budget or Budget.lesson()
-    spec = get_method(SOURCE_RECIPE)
+    spec = get_recipe(SOURCE_RECIPE)
     accuracies = {}
     for task in tasks:
         scores = directory / task / "scores.json"
@@ -99,10 +99,10 @@ def load_sources(model: nn.Module, directory=SOURCES_DIR, tasks=SOURCES) -> list
 
 def build_arm(arm: str, seed: int, best: str | None = None, directory=SOURCES_DIR, task: str = TARGET):
     """A fresh target model for ``arm`` (see the module docstring), seeded; returns (model, lr)."""
-    from .compare import build_model, check_runs, get_method
+    from .compare import build_model, check_runs
 
     if arm in ("head", "adapter"):
-        spec = get_method("head" if arm == "head" else SOURCE_RECIPE)
+        spec = get_recipe("head" if arm == "head" else SOURCE_RECIPE)
         return build_model(spec, task, seed), spec.lr
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; arms: {ARMS}")
@@ -117,7 +117,7 @@ def build_arm(arm: str, seed: int, best: str | None = None, directory=SOURCES_DI
     set_active(model, best)
     if arm == "source_tuned":
         train_adapter(model, best)
-    return model, get_method(SOURCE_RECIPE).lr
+    return model, get_recipe(SOURCE_RECIPE).lr
 
 
 def attach_fusion(model: nn.Module, directory=None) -> None:
