@@ -97,6 +97,10 @@ def _namer(model: nn.Module):
     A minipeft backbone maps through its name table; a wrapped transformers model by its path inside ``home``."""
     home = _home(model)
     if isinstance(home, Backbone):
+        if home.peft_mismatch:
+            raise ValueError(f"peft's files cannot describe a LoRA on this {home.description}: "
+                             f"{home.peft_mismatch}. Keep the adapter in minipeft's format (save_adapter / "
+                             "load_adapter); import_peft and export_peft support the bert and llama backbones")
         return home, home.hf_name, home.our_name
     root, _ = _transformers_root(home)
     lead = root + "." if root else ""
@@ -288,13 +292,13 @@ def import_peft(model: nn.Module, directory: str | Path, name: str | None = None
     The adapter must have been made on this model's checkpoint (the same transformers module paths and Linear
     shapes); otherwise, or for any peft feature plain LoRA lacks, a ValueError names the file and the model is
     left exactly as it was."""
+    home, _, to_ours = _namer(model)  # first: a backbone peft cannot describe is refused whatever the files
     directory = Path(directory)
     cfg, pairs = read_peft_lora(directory)
     weights_file = directory / PEFT_WEIGHTS_FILE
     name = name or "default"
     if name in adapter_names(model):
         raise ValueError(f"an adapter named {name!r} already exists in this model; existing: {adapter_names(model)}")
-    home, _, to_ours = _namer(model)
     linears = dict(home.named_modules())
     base = cfg.get("base_model_name_or_path")
     found, problems = {}, []

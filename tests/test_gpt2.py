@@ -149,3 +149,24 @@ def test_every_method_on_gpt2(hf, tiny, batch, tmp_path, method):
         fresh = GPT2.from_hf(hf)
         load_adapter(fresh, tmp_path, name="b")
         assert torch.equal(run(fresh, batch), adapted)  # save -> load: bit-identical
+
+
+def test_peft_files_are_refused_on_gpt2(tiny, tmp_path):
+    """transformers' GPT-2 fuses q|k|v in c_attn: peft's files cannot describe a LoRA on our q, v. Both ways are
+    refused with the reason, the model left as it was."""
+    from helpers import assert_unchanged, structure
+
+    from minipeft import export_peft, import_peft
+
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(hf_tiny(), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)).save_pretrained(
+        tmp_path / "peft")
+    add_adapter(tiny, LoRAConfig(r=4), "task")
+    before = structure(tiny)
+    for call in (lambda: export_peft(tiny, "task", tmp_path / "out"),
+                 lambda: import_peft(tiny, tmp_path / "peft", "other")):
+        with pytest.raises(ValueError, match="fuses W_q, W_k, W_v"):
+            call()
+        assert_unchanged(tiny, before)
+    assert not (tmp_path / "out").exists()

@@ -101,6 +101,8 @@ class Backbone(nn.Module):
     family: str = ""
     config_class: type = None
     description: str = "backbone"
+    # why a peft LoRA on the transformers checkpoint is not a LoRA on our linears ("" : it is, name for name)
+    peft_mismatch: str = ""
 
     def __init__(self, cfg):
         super().__init__()

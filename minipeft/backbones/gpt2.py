@@ -155,6 +155,8 @@ class GPT2(Backbone):
         ("mlp.c_fc", "ffn.ffn_in"), ("mlp.c_proj", "ffn.ffn_out"),
     )
     CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # weights stored (d_in, d_out)
+    peft_mismatch = ("transformers' GPT-2 fuses W_q, W_k, W_v into one Conv1D (c_attn, stored transposed), so a "
+                     "peft LoRA on c_attn is one low-rank ΔW over q|k|v, not a LoRA on our q, k, v")
 
     def __init__(self, cfg: GPT2Config):
         super().__init__(cfg)
