@@ -157,7 +157,7 @@ def test_train_loop_adds_the_regulariser(model, batch):
         params = [p for p in clf.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=1.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-        run_epochs(clf, params, opt, sched, data, data, budget, "cpu", quiet=True)
+        run_epochs(clf, params, opt, sched, data, lambda: 0.0, budget, "cpu", quiet=True)
         after[lam] = v.detach().clone()
     expected = -2 * 0.01 * (before - torch.eye(384))
     assert torch.allclose(after[0.01] - after[0.0], expected, atol=1e-6)

@@ -37,7 +37,7 @@ from ..backbones.contract import find_backbone
 from ..generation import generate
 from .generation_tasks import GENERATION_TASKS, HEADLINE_NEW_TOKENS, headline_prompt, load_headline, rouge
 from .train import (Budget, PeakMemory, Result, backbone_parameter_count, check_budget, check_lr, count_parameters,
-                    default_device, make_optimizer, seed_everything, training_state_bytes,
+                    default_device, make_optimizer, run_epochs, seed_everything, training_state_bytes,
                     versions)
 
 IGNORE = -100  # label of a position that is not scored (the prompt, the padding)
@@ -95,13 +95,14 @@ def lm_collate(examples: list[dict], pad_id: int) -> dict:
             "labels": torch.tensor([pad(e["labels"], IGNORE) for e in examples])}
 
 
-def lm_loss(model: nn.Module, batch: dict, device) -> torch.Tensor:
+def lm_loss(model: nn.Module, batch: dict, device, backbone=None) -> torch.Tensor:
     """The masked conditional LM loss (module docstring): hidden state t predicts token t + 1, scored only where
-    token t + 1 is a headline token; logits only at those positions."""
+    token t + 1 is a headline token; logits only at those positions. ``backbone``: whose output embedding scores
+    them (default ``model``'s; pass it when ``model`` is a DDP / autocast wrapper)."""
     ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
     hidden = model(ids, batch["attention_mask"].to(device))  # (B, T, d)
     scored = labels[:, 1:] != IGNORE  # (B, T - 1)
-    logits = find_backbone(model).logits(hidden[:, :-1][scored])  # (N, V), N = scored tokens in the batch
+    logits = (backbone or find_backbone(model)).logits(hidden[:, :-1][scored])  # (N, V), N = scored tokens in the batch
     return F.cross_entropy(logits.float(), labels[:, 1:][scored])
 
 
@@ -119,40 +120,14 @@ def write_headlines(model: nn.Module, bodies, tokenizer, budget: Budget, progres
     return [t.strip() for t in texts]
 
 
-# ---- the loop ------------------------------------------------------------------------------------------------
-
-def lm_epochs(model, params, lr, loader, budget: Budget, device, validate, desc: str, quiet: bool = False):
-    """``budget.epochs`` passes of the masked LM loss over ``loader`` (AdamW, warm-up and decay, clipping, as
-    ``minipeft.lab.train``); returns the loss and seconds of every step and ``validate()`` after each epoch."""
-    from tqdm import tqdm
-
-    opt, sched = make_optimizer(params, lr, budget, total_steps=budget.epochs * len(loader))
-    losses, step_times, val_scores = [], [], []
-    bar = tqdm(total=budget.epochs * len(loader), disable=quiet, desc=desc, mininterval=2.0)
-    for _ in range(budget.epochs):
-        for batch in loader:
-            t0 = time.perf_counter()
-            loss = lm_loss(model, batch, device)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, budget.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            step_times.append(time.perf_counter() - t0)
-            bar.update()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-        val_scores.append(validate())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", val_rougeL=f"{val_scores[-1]:.3f}")
-    bar.close()
-    return losses, step_times, val_scores
-
+# ---- training (the loop is ``minipeft.lab.train.run_epochs``, every kind's) ---------------------------------
 
 def train_lm(model: nn.Module, task: str = "headline", lr: float | None = None, budget: Budget | None = None,
              seed: int = 0, method: str = "", config: dict | None = None, quiet: bool = False, tokenizer=None,
-             device=None) -> Result:
+             device=None, distributed=None) -> Result:
     """Train ``model``'s trainable parameters (none: zero-shot, evaluation only) on generation ``task`` with the
-    masked LM loss; score validation after each epoch and the test split at the end by ROUGE; return a Result."""
+    masked LM loss; score validation after each epoch and the test split at the end by ROUGE; return a Result.
+    ``distributed``: as in ``minipeft.lab.train.train`` (DDP slice of each batch and/or bf16 autocast)."""
     from torch.utils.data import DataLoader
 
     if task not in GENERATION_TASKS:
@@ -174,13 +149,21 @@ def train_lm(model: nn.Module, task: str = "headline", lr: float | None = None, 
                      list(dd["validation"]["headline"]))["rougeL"]
 
     model.to(device).train()
+    net, backbone = model, find_backbone(model)  # net: the model, or its DDP / autocast wrapper
+    if distributed is not None and params:
+        loader, net = distributed.prepare(loader, model, seed)
     start = time.perf_counter()
     with PeakMemory(device) as mem:
         if params:
-            losses, step_times, val_scores = lm_epochs(model, params, lr, loader, budget, device, validation_rouge_l,
-                                                       desc=f"{method or 'train'} on {task}", quiet=quiet)
+            opt, sched = make_optimizer(params, lr, budget, total_steps=budget.epochs * len(loader))
+            losses, step_times, val_scores = run_epochs(
+                net, params, opt, sched, loader, validation_rouge_l, budget, device,
+                desc=f"{method or 'train'} on {task}", quiet=quiet, metric="val_rougeL",
+                loss_fn=lambda m, batch, dev: lm_loss(m, batch, dev, backbone))
         else:  # zero-shot: one validation score, of the model as it is
             losses, step_times, val_scores = [], [], [validation_rouge_l()]
+    if distributed is not None and params:
+        losses = distributed.global_losses(losses)
     headlines = write_headlines(model, dd["test"]["body"], tokenizer, budget, progress=not quiet)
     scores = rouge(headlines, list(dd["test"]["headline"]))
 

@@ -370,8 +370,9 @@ def train(model: SequenceClassifier, task, lr: float, budget: Budget | None = No
     opt, sched = make_optimizer(params, lr, budget, total_steps=budget.epochs * len(train_dl))
     start = time.perf_counter()
     with PeakMemory(device) as mem:
-        losses, step_times, val_acc = run_epochs(net, params, opt, sched, train_dl, evals["validation"], budget,
-                                                 device, desc=f"{method or 'train'} on {task_name}", quiet=quiet)
+        losses, step_times, val_acc = run_epochs(net, params, opt, sched, train_dl,
+                                                 lambda: evaluate(net, evals["validation"], device), budget, device,
+                                                 desc=f"{method or 'train'} on {task_name}", quiet=quiet)
     if distributed is not None:
         losses = distributed.global_losses(losses)
     test_predictions, test_labels = predict(net, evals["test"], device)
@@ -425,24 +426,31 @@ def make_optimizer(params, lr: float, budget: Budget, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(warmup, total_steps))
 
 
-def run_epochs(model, params, opt, sched, train_dl, validation_dl, budget: Budget, device, desc: str = "train",
-               quiet: bool = False) -> tuple[list[float], list[float], list[float]]:
-    """``budget.epochs`` passes over ``train_dl``; returns the loss and seconds of every step and the validation
-    accuracy after each epoch."""
+def classification_loss(model: nn.Module, batch: dict, device) -> torch.Tensor:
+    """Cross-entropy of the head's logits against the labels (mean over the batch)."""
+    logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    return F.cross_entropy(logits, batch["labels"].to(device))
+
+
+def run_epochs(model, params, opt, sched, train_dl, validate, budget: Budget, device, desc: str = "train",
+               quiet: bool = False, loss_fn=classification_loss, metric: str = "val_acc"
+               ) -> tuple[list[float], list[float], list[float]]:
+    """The one training loop, of every task kind: ``budget.epochs`` passes over ``train_dl`` minimising
+    ``loss_fn(model, batch, device)`` (+ the attached methods' regularizers), clipping, AdamW and schedule steps;
+    ``validate()`` after each epoch. Returns the loss and seconds of every step and the validation scores."""
     from tqdm import tqdm
 
     from ..core import regularizers
 
     extra = regularizers(model)  # method-specific loss terms (AdapterFusion's λ‖I − V‖²_F); none for most methods
-    losses, step_times, val_acc = [], [], []
+    losses, step_times, val_scores = [], [], []
     total = budget.epochs * len(train_dl)
     bar = tqdm(total=total, disable=quiet, desc=desc, mininterval=2.0,
                miniters=max(1, total // 20))  # at most ~20 updates: notebooks store every one
     for _ in range(budget.epochs):
         for batch in train_dl:
             t0 = time.perf_counter()
-            logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            loss = F.cross_entropy(logits, batch["labels"].to(device))
+            loss = loss_fn(model, batch, device)
             objective = loss + sum(m.regularization() for m in extra if m.active) if extra else loss
             objective.backward()  # losses records the task loss alone
             torch.nn.utils.clip_grad_norm_(params, budget.grad_clip)
@@ -453,10 +461,10 @@ def run_epochs(model, params, opt, sched, train_dl, validation_dl, budget: Budge
             step_times.append(time.perf_counter() - t0)
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-        val_acc.append(evaluate(model, validation_dl, device))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", val_acc=f"{val_acc[-1]:.3f}")
+        val_scores.append(validate())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", **{metric: f"{val_scores[-1]:.3f}"})
     bar.close()
-    return losses, step_times, val_acc
+    return losses, step_times, val_scores
 
 
 # ---- peak memory ---------------------------------------------------------------------------------------------
