@@ -78,3 +78,113 @@ def notebook_functions(name: str, folder: str, functions, prelude: str = "import
     namespace = {}
     exec(prelude + "\n" + "\n\n".join(sources), namespace)  # noqa: S102
     return {f: namespace[f] for f in functions}
+
+
+# ---- the conformance suite: one example table, keyed by the method registry's names ---------------------------
+
+from dataclasses import dataclass  # noqa: E402
+from typing import Callable  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Example:
+    """A method's config as the conformance suite attaches it to any backbone. ``counts(backbone)``: its closed
+    form (trained, stored) in the backbone's d, L and key/value width w (None: the method offers none);
+    ``sources``: how many trained, frozen adapters it reads (AdapterFusion), attached first as s0, s1, ..."""
+    config: Callable[[], object]
+    counts: Callable[[object], tuple[int, int]] | None = None
+    sources: int = 0
+
+
+def _dims(backbone):
+    return backbone.hidden_size, backbone.num_layers, backbone.attention.kv_width
+
+
+def _same(count):
+    """A closed form for a method whose trained parameters are all stored."""
+    return lambda backbone: (count(*_dims(backbone)),) * 2
+
+
+def _lora_qv(r):
+    """LoRA on the query and value projections (their roles on every backbone): L·r(d + d) + L·r(d + w)."""
+    from minipeft.methods.lora import lora_count
+
+    return lambda d, L, w: lora_count(r, d, d, num_layers=L) + lora_count(r, d, w, num_layers=L)
+
+
+def _examples() -> dict[str, dict[str, Example]]:
+    from minipeft import (BottleneckConfig, CompacterConfig, CompacterPPConfig, FusionConfig, LoRAConfig,
+                          ParallelAdapterConfig, PHMAdapterConfig, PrefixConfig, ScaledParallelAdapterConfig)
+    from minipeft.methods.bottleneck import houlsby_count, pfeiffer_count
+    from minipeft.methods.compacter import compacter_count, phm_adapter_count
+    from minipeft.methods.composite import CompositeConfig
+    from minipeft.methods.fusion import fusion_count
+    from minipeft.methods.mam import MAMConfig, mam_stored_count
+    from minipeft.methods.parallel import parallel_count
+    from minipeft.methods.prefix import prefix_stored_count, prefix_training_count
+
+    def prefix_counts(d, L, w):
+        return prefix_training_count(d, L, 3, 16, kv_width=w), prefix_stored_count(w, L, 3)
+
+    def mam_counts(d, L, w):
+        return (prefix_training_count(d, L, 3, 16, kv_width=w) + parallel_count(d, L, d // 8),
+                mam_stored_count(d, L, 3, d // 8, kv_width=w))
+
+    return {
+        "bottleneck": {
+            "houlsby": Example(lambda: BottleneckConfig(bottleneck=8), _same(lambda d, L, w: houlsby_count(d, L, 8))),
+            "pfeiffer": Example(lambda: BottleneckConfig(placement="pfeiffer", bottleneck=8),
+                                _same(lambda d, L, w: pfeiffer_count(d, L, 8)))},
+        "phm_adapter": {"phm": Example(lambda: PHMAdapterConfig(bottleneck=8, n=4),
+                                       _same(lambda d, L, w: phm_adapter_count(d, L, 8, 4)))},
+        "compacter": {"compacter": Example(lambda: CompacterConfig(bottleneck=8, n=4),
+                                           _same(lambda d, L, w: compacter_count(d, L, 8, 4)))},
+        "compacter_pp": {"compacter_pp": Example(lambda: CompacterPPConfig(bottleneck=8, n=4),
+                                                 _same(lambda d, L, w: compacter_count(d, L, 8, 4, sites=1)))},
+        "composite": {
+            "adapter_lora": Example(lambda: CompositeConfig({"adapter": BottleneckConfig(placement="pfeiffer",
+                                                                                         bottleneck=8),
+                                                             "lora": LoRAConfig(r=2)}),
+                                    _same(lambda d, L, w: pfeiffer_count(d, L, 8) + _lora_qv(2)(d, L, w))),
+            "gated": Example(lambda: CompositeConfig({"lora": LoRAConfig(r=2), "prefix": PrefixConfig(length=3,
+                                                                                                        hidden=8)},
+                                                     gated=True))},
+        "fusion": {"fusion": Example(lambda: FusionConfig(adapters=["s0", "s1"]),
+                                     _same(lambda d, L, w: fusion_count(d, L)), sources=2)},
+        "lora": {"lora": Example(lambda: LoRAConfig(r=4), _same(_lora_qv(4)))},
+        "parallel": {
+            "ffn": Example(lambda: ParallelAdapterConfig(r=8), _same(lambda d, L, w: parallel_count(d, L, 8))),
+            "both": Example(lambda: ParallelAdapterConfig(r=8, placement="both"),
+                            _same(lambda d, L, w: parallel_count(d, L, 8, sites=2)))},
+        "scaled_parallel": {"learned": Example(lambda: ScaledParallelAdapterConfig(r=8, scale="learned"),
+                                               _same(lambda d, L, w: parallel_count(d, L, 8, learned=True)))},
+        "prefix": {
+            "reparameterized": Example(lambda: PrefixConfig(length=3, hidden=16),
+                                       lambda backbone: prefix_counts(*_dims(backbone))),
+            "flat": Example(lambda: PrefixConfig(length=3, reparameterize=False),
+                            _same(lambda d, L, w: prefix_stored_count(w, L, 3)))},
+        "mam": {"mam": Example(lambda: MAMConfig(length=3, hidden=16, reduction_factor=8),
+                               lambda backbone: mam_counts(*_dims(backbone)))},
+    }
+
+
+EXAMPLES = _examples()
+
+
+def _hf_twins() -> dict:
+    """Family -> (a tiny random transformers model of it, its output comparable to ours): for peft equality."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    def bert():
+        return BertModel(BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=96, max_position_embeddings=64), add_pooling_layer=False)
+
+    def llama():
+        return LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64))
+
+    return {"bert": (bert, lambda out: out.last_hidden_state, lambda model, h: h),
+            "llama": (llama, lambda out: out.logits, lambda model, h: model.logits(h))}
+
+
+HF_TWINS = _hf_twins()

@@ -1,0 +1,148 @@
+"""The conformance suite, generated from the registries: every registered method (``minipeft.core.METHODS``, its
+examples in ``helpers.EXAMPLES``) on every registered backbone (``minipeft.backbones.REGISTRY``, its tiny random
+config, seeded). A new method or backbone is covered without editing this file; a method with no example fails.
+
+Each pair: it does something; inactive = base exactly; save -> load under another name bit-identical; delete
+leaves the model as it was; trained and stored counts = their closed form; a failed add changes nothing;
+``for_inference`` keeps the outputs (within TOL); LoRA equals peft's on the transformers twin of each backbone
+peft can describe."""
+import dataclasses
+
+import pytest
+import torch
+
+from minipeft import (add_adapter, delete_adapter, for_inference, freeze_adapters, load_adapter, parameter_summary,
+                      save_adapter, set_active)
+from minipeft.backbones import REGISTRY
+from minipeft.core import METHODS, adapter_configs, adapter_modules
+from helpers import EXAMPLES, HF_TWINS, TOL, assert_unchanged, gap, perturb, run, structure
+
+CASES = [pytest.param(method, label, family, id=f"{method}-{label}-{family}")
+         for method in METHODS for label in EXAMPLES.get(method, {"no example": None}) for family in REGISTRY]
+
+
+def build(family):
+    """The family's tiny random backbone, seeded: two calls give the same weights."""
+    torch.manual_seed(0)
+    entry = REGISTRY[family]
+    return entry.cls(entry.tiny()).eval()
+
+
+def tiny_batch(model):
+    """Random tokens, right-padded to three lengths."""
+    torch.manual_seed(1)
+    ids = torch.randint(3, model.cfg.vocab_size, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:], mask[2, 3:] = 0, 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def example(method, label):
+    if label not in EXAMPLES.get(method, {}):
+        pytest.fail(f"method {method!r} is registered but has no example config in tests/helpers.py EXAMPLES")
+    return EXAMPLES[method][label]
+
+
+def with_sources(family, ex):
+    """The backbone with the trained (perturbed), frozen adapters the example reads (fusion), else bare."""
+    from minipeft import BottleneckConfig
+
+    model = build(family)
+    for i in range(ex.sources):
+        add_adapter(model, BottleneckConfig(placement="pfeiffer", bottleneck=8), f"s{i}")
+    if ex.sources:
+        perturb(model, seed=5)
+        freeze_adapters(model, *[f"s{i}" for i in range(ex.sources)])
+    return model
+
+
+def test_every_registered_method_has_an_example():
+    missing = sorted(set(METHODS) - set(EXAMPLES))
+    assert not missing, f"registered methods without an example config in tests/helpers.py EXAMPLES: {missing}"
+    assert not set(EXAMPLES) - set(METHODS), "EXAMPLES names a method that is not registered"
+
+
+@pytest.mark.parametrize("method,label,family", CASES)
+def test_conformance(method, label, family, tmp_path):
+    ex = example(method, label)
+    model = with_sources(family, ex)
+    batch = tiny_batch(model)
+    mask = batch["attention_mask"]
+    base, bare = run(build(family), batch), structure(model)  # the bare backbone's output; the model as it is
+
+    add_adapter(model, ex.config(), "a")
+    assert type(adapter_configs(model)["a"]) is METHODS[method]
+    perturb(model, "a")
+    adapted = run(model, batch)
+    assert gap(adapted, base, mask) > 100 * TOL  # it does something
+
+    set_active(model)
+    assert torch.equal(run(model, batch), base)  # every adapter inactive: exactly the base model
+    set_active(model, "a")
+    assert torch.equal(run(model, batch), adapted)
+
+    if ex.counts is not None:  # closed forms = numel
+        trained, stored = ex.counts(model)
+        summary = parameter_summary(model, "a")
+        numel = sum({id(p): p.numel() for m in adapter_modules(model, "a").values() for p in m.parameters()}.values())
+        assert (summary.adapter, summary.stored) == (trained, stored) and numel == trained
+
+    attached = structure(model)  # a failed add changes nothing
+    with pytest.raises(ValueError, match="already"):
+        add_adapter(model, ex.config(), "a")
+    assert_unchanged(model, attached)
+    config = ex.config()
+    if getattr(config, "targets", None) is not None:  # a target that matches nothing
+        with pytest.raises(ValueError, match="nowhere"):
+            add_adapter(model, dataclasses.replace(config, targets=["nowhere"]), "bad")
+        assert_unchanged(model, attached)
+
+    save_adapter(model, "a", tmp_path)  # save -> load under another name: bit-identical
+    fresh = with_sources(family, ex)
+    load_adapter(fresh, tmp_path, name="b")
+    set_active(fresh, "b")
+    assert torch.equal(run(fresh, batch), adapted)
+
+    delete_adapter(model, "a")  # delete: as it was
+    assert_unchanged(model, bare)
+
+
+@pytest.mark.parametrize("method,label,family", CASES)
+def test_for_inference_keeps_the_outputs(method, label, family):
+    ex = example(method, label)
+    model = with_sources(family, ex)
+    batch = tiny_batch(model)
+    add_adapter(model, ex.config(), "a")
+    perturb(model, "a")
+    expected = run(model, batch)
+    for_inference(model.train())
+    assert not model.training and gap(run(model, batch), expected, batch["attention_mask"]) < TOL
+
+
+
+@pytest.mark.parametrize("family", list(REGISTRY))
+def test_lora_equals_peft_on_the_transformers_twin(family, tmp_path):
+    """Our LoRA, exported to peft's files, gives peft's outputs on the same weights in transformers (a backbone
+    whose transformers layout peft cannot describe says why: ``Backbone.peft_mismatch``)."""
+    from peft import PeftModel
+
+    from minipeft import LoRAConfig, export_peft
+
+    if REGISTRY[family].cls.peft_mismatch:
+        pytest.skip(REGISTRY[family].cls.peft_mismatch)
+    assert family in HF_TWINS, f"backbone {family!r} has no transformers twin in tests/helpers.py HF_TWINS"
+    make, hf_output, our_output = HF_TWINS[family]
+    torch.manual_seed(0)
+    hf = make().eval()
+    ours = REGISTRY[family].cls.from_hf(hf)
+    batch = tiny_batch(ours)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    add_adapter(ours, LoRAConfig(r=4, alpha=8), "a")
+    perturb(ours, "a")
+    export_peft(ours, "a", tmp_path)
+    with torch.no_grad():
+        base = hf_output(hf(input_ids=ids, attention_mask=mask))
+        theirs = PeftModel.from_pretrained(hf, tmp_path).eval()  # wraps hf's Linears in place
+        mine, peft_out = our_output(ours, ours(ids, mask)), hf_output(theirs(input_ids=ids, attention_mask=mask))
+    assert gap(mine, peft_out, mask) < TOL
+    assert gap(mine, base, mask) > 100 * TOL  # the LoRA is not a no-op
