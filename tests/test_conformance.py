@@ -3,7 +3,7 @@ examples in ``helpers.EXAMPLES``) on every registered backbone (``minipeft.backb
 config, seeded). A new method or backbone is covered without editing this file; a method with no example fails.
 
 Each pair: it does something; inactive = base exactly; save -> load under another name bit-identical; delete
-leaves the model as it was; trained and stored counts = their closed form; a failed add changes nothing;
+leaves the model as it was; the backward reaches every adapter parameter; trained and stored counts = their closed form; a failed add changes nothing;
 ``for_inference`` keeps the outputs (within TOL); LoRA equals peft's on the transformers twin of each backbone
 peft can describe."""
 import dataclasses
@@ -56,6 +56,16 @@ def with_sources(family, ex):
     return model
 
 
+def assert_backward_reaches(model, batch):
+    """A loss's gradient reaches every parameter of adapter "a" (then the model is back in eval, grads cleared)."""
+    model.train()
+    model(batch["input_ids"], batch["attention_mask"]).pow(2).mean().backward()
+    grads = [p.grad for m in adapter_modules(model, "a").values() for p in m.parameters()]
+    assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+
 def test_every_registered_method_has_an_example():
     missing = sorted(set(METHODS) - set(EXAMPLES))
     assert not missing, f"registered methods without an example config in tests/helpers.py EXAMPLES: {missing}"
@@ -80,6 +90,7 @@ def test_conformance(method, label, family, tmp_path):
     assert torch.equal(run(model, batch), base)  # every adapter inactive: exactly the base model
     set_active(model, "a")
     assert torch.equal(run(model, batch), adapted)
+    assert_backward_reaches(model, batch)
 
     if ex.counts is not None:  # closed forms = numel
         trained, stored = ex.counts(model)
