@@ -3,8 +3,9 @@ examples in ``helpers.EXAMPLES``) on every registered backbone (``minipeft.backb
 config, seeded). A new method or backbone is covered without editing this file; a method with no example fails.
 
 Each pair: it does something; inactive = base exactly; save -> load under another name bit-identical; delete
-leaves the model as it was; the backward reaches every adapter parameter; trained and stored counts = their closed form; a failed add changes nothing;
-``for_inference`` keeps the outputs (within TOL); LoRA equals peft's on the transformers twin of each backbone
+leaves the model as it was; the backward reaches every adapter parameter; trained and stored counts = their
+closed form; a failed add changes nothing; ``for_inference`` keeps the outputs (within TOL) and drops what
+inference does not need (no LoRA module left, no prefix MLP); LoRA equals peft's on the transformers twin of each backbone
 peft can describe."""
 import dataclasses
 
@@ -15,6 +16,8 @@ from minipeft import (add_adapter, delete_adapter, for_inference, freeze_adapter
                       save_adapter, set_active)
 from minipeft.backbones import REGISTRY
 from minipeft.core import METHODS, adapter_configs, adapter_modules
+from minipeft.methods.lora import LoRALinear
+from minipeft.methods.prefix import Prefix
 from helpers import EXAMPLES, HF_TWINS, TOL, assert_unchanged, gap, perturb, run, structure
 
 CASES = [pytest.param(method, label, family, id=f"{method}-{label}-{family}")
@@ -29,11 +32,14 @@ def build(family):
 
 
 def tiny_batch(model):
-    """Random tokens, right-padded to three lengths."""
+    """Random tokens padded to three lengths: on the right for an encoder, on the left for a decoder (a KV cache,
+    ``new_cache``), as generate pads its prompts."""
     torch.manual_seed(1)
     ids = torch.randint(3, model.cfg.vocab_size, (3, 10))
     mask = torch.ones_like(ids)
     mask[1, 6:], mask[2, 3:] = 0, 0
+    if hasattr(model, "new_cache"):
+        mask = mask.flip(-1)
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -128,6 +134,9 @@ def test_for_inference_keeps_the_outputs(method, label, family):
     expected = run(model, batch)
     for_inference(model.train())
     assert not model.training and gap(run(model, batch), expected, batch["attention_mask"]) < TOL
+    left = list(adapter_modules(model).values())  # LoRA folded into W, the prefix's training-time MLP dropped
+    assert not any(isinstance(m, LoRALinear) for m in left)
+    assert not any(m.reparameterized for m in left if isinstance(m, Prefix))
 
 
 
