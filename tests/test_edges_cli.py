@@ -28,6 +28,7 @@ def no_training(monkeypatch, tmp_path):
 
     monkeypatch.setattr(compare, "build_model", refuse)  # transfer and train import it from compare when they run
     monkeypatch.setattr("minipeft.lab.generation_train.build_lm", refuse)
+    monkeypatch.setattr("minipeft.lab.kinds.classification.build_classifier", refuse)  # compare's runs build here
     monkeypatch.chdir(tmp_path)
 
 

@@ -23,86 +23,29 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from ..api import apply_recipe
-from ..core import RECIPES, Recipe, get_recipe, in_lesson_order
-from .report import markdown_table, render_task
+from ..core import Recipe, get_recipe, in_lesson_order
+from .kinds import all_tasks, check_runs, kind_of
+from .kinds.classification import build_classifier
+from .report import render_task
 from .records import check_output_dir, read_record, write_json
-from .train import Budget, Result, SequenceClassifier, seed_everything, train
+from .train import Budget, Result, SequenceClassifier, train
 
-
-
-def check_runs(methods, tasks) -> None:
-    """Refuse, before any model is built, a run that cannot be made: an unknown task or method, a method that
-    does not run on a generation task, or a method on a task it must not be compared on (``Recipe.not_for_tasks``:
-    fusion's source adapters were trained on those tasks, so it would be no transfer). ``methods``: names or
-    recipes. The one check of (method, task) pairs: compare, train (``distributed.main``) and ``build_model``."""
-    from .generation_tasks import GENERATION_TASKS
-    from .generation_train import GENERATION_LRS
-    from .tasks import TASKS
-
-    names = [m if isinstance(m, str) else m.name for m in methods]
-    for task in tasks:
-        if task in GENERATION_TASKS:
-            wrong = [m for m in names if m not in GENERATION_LRS]
-            if wrong:
-                raise ValueError(f"method(s) {wrong} cannot run on the generation task {task!r}; allowed there: "
-                                 f"{list(GENERATION_LRS)}")
-            continue
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; available tasks: {sorted(TASKS) + list(GENERATION_TASKS)}")
-        unknown = [m for m in methods if isinstance(m, str) and m not in RECIPES]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; registered methods: {sorted(RECIPES)}")
-        for spec in (RECIPES[m] if isinstance(m, str) else m for m in methods):
-            if task in spec.not_for_tasks:
-                raise ValueError(f"method {spec.name!r} cannot run on task {task!r}: it is built from adapters "
-                                 f"trained on {list(spec.not_for_tasks)}, no transfer on their own tasks; choose "
-                                 "another task")
 
 
 def build_model(spec: Recipe | str, task: str = "sentiment", seed: int = 0, encoder=None,
                 size=None) -> SequenceClassifier:
     """Seed, load the pretrained encoder (or use ``encoder``), add a head for ``task``, apply the recipe (its
-    adapter at ``size`` on the recipe's knob, default the knob's default)."""
-    from ..backbones.encoder import Encoder
-    from .tasks import TASKS
-
-    spec = get_recipe(spec) if isinstance(spec, str) else spec
-    if task not in TASKS:  # a classifier needs a classification task
-        raise ValueError(f"unknown task {task!r}; available tasks: {sorted(TASKS)}")
-    check_runs([spec], [task])
-    seed_everything(seed)
-    model = SequenceClassifier(encoder or Encoder.from_pretrained(), num_labels=len(TASKS[task].label_names))
-    return apply_recipe(model, spec, size)
+    adapter at ``size`` on the recipe's knob, default the knob's default): ``kinds.classification``'s builder."""
+    return build_classifier(spec, task, seed, encoder, size)
 
 
 def run_comparison(methods=None, task: str = "sentiment", seeds=(0,), budget: Budget | None = None,
                    quiet: bool = False, on_result: Callable[[list[Result]], None] | None = None) -> list[Result]:
-    """Train each method (all registered ones by default) once per seed with the same budget.
+    """Train each method (all the task kind compares by default) once per seed with the same budget.
 
     ``on_result(results_so_far)`` is called after each run (``main`` writes the files then, so a crash or an
     interrupt keeps what finished)."""
-    from .generation_tasks import GENERATION_TASKS
-
-    if task in GENERATION_TASKS:
-        from .generation_train import run_generation_comparison
-
-        return run_generation_comparison(methods, task, seeds, budget, quiet, on_result)
-    budget = budget or Budget.from_env()
-    specs = [get_recipe(m) for m in (methods or in_lesson_order())]
-    results = []
-    for spec in specs:
-        for seed in seeds:
-            model = build_model(spec, task, seed)
-            results.append(train(model, task, spec.lr, budget, seed=seed, method=spec.name,
-                                 config=spec.config, quiet=quiet))
-            if on_result is not None:
-                on_result(results)
-            if not quiet:
-                r = results[-1]
-                print(f"{spec.name} seed {seed}: test acc {r.test_acc:.3f}, {r.trainable_pct:.3g}% trained, "
-                      f"{r.sec_per_step:.2f} s/step", flush=True)
-    return results
+    return kind_of(task).run(methods, task, seeds, budget, quiet, on_result)
 
 
 def recorded_runs(methods=("full", "head"), task: str = "sentiment", budget: Budget | None = None,
@@ -152,14 +95,9 @@ def machine() -> dict:
 
 
 def test_labels(task: str, budget: Budget) -> list:
-    """The labels of the test examples the runs were scored on, in order (for paired tests); on a generation task
-    the reference texts (the headlines)."""
-    from .generation_tasks import GENERATION_TASKS, load_headline
-    from .tasks import load_task
-
-    if task in GENERATION_TASKS:
-        return list(load_headline(max_train=1, max_eval=1, max_test=budget.max_test)["test"]["headline"])
-    return list(load_task(task, max_train=1, max_eval=1, max_test=budget.max_test)["test"]["label"])
+    """The references of the test examples the runs were scored on, in order (for paired tests): the labels, or
+    on a generation task the reference texts (``Kind.references``)."""
+    return kind_of(task).references(task, budget)
 
 
 def write_results(results: list[Result], out_dir, command: str, planned: int | None = None,
@@ -234,20 +172,18 @@ FULL_COMMAND = (f"python -m minipeft compare --tasks {' '.join(FULL_TASKS)} --se
 def main(argv=None) -> list[Result]:
     """The default profile (every method, seed 0, ``topic``, into runs/) is ``make compare``; the committed
     results/ come from ``FULL_COMMAND`` (``make results``)."""
-    from .generation_report import generation_table
-    from .generation_tasks import GENERATION_TASKS
-    from .generation_train import GENERATION_LRS, planned_runs
-    from .tasks import TASKS
+    from .kinds import KINDS
 
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m minipeft compare",
                                 description="train registered methods with one budget on one or more tasks; "
                                             f"results/ is made by: {FULL_COMMAND}")
-    all_tasks = sorted(TASKS) + list(GENERATION_TASKS)
-    p.add_argument("--tasks", "--task", nargs="+", default=QUICK_TASKS, choices=all_tasks, metavar="TASK",
+    tasks = all_tasks()
+    by_kind = "; ".join(f"{k.name}: {' '.join(k.tasks())}, with the methods {' '.join(k.methods())}"
+                        for k in KINDS.values() if k.methods() != in_lesson_order())
+    p.add_argument("--tasks", "--task", nargs="+", default=QUICK_TASKS, choices=tasks, metavar="TASK",
                    action=Once,
-                   help=f"default: {' '.join(QUICK_TASKS)}; available: {' '.join(all_tasks)} (generation: "
-                        f"{' '.join(GENERATION_TASKS)}, with the methods {' '.join(GENERATION_LRS)})")
+                   help=f"default: {' '.join(QUICK_TASKS)}; available: {' '.join(tasks)} ({by_kind})")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], action=Once)
     p.add_argument("--fast", action="store_true", help="the CI budget (Budget.for_task(task, fast=True)); also MINIPEFT_FAST=1")
     p.add_argument("--methods", nargs="+", default=None, metavar="NAME", action=Once,
@@ -262,7 +198,7 @@ def main(argv=None) -> list[Result]:
         check_runs(args.methods or [], args.tasks)
     except ValueError as e:
         p.error(str(e))
-    budgets = {t: Budget.for_task(t, fast=True if args.fast else None) for t in args.tasks}
+    budgets = {t: kind_of(t).budget(True if args.fast else None) for t in args.tasks}
     command = "python -m minipeft compare" + ("" if not argv else " " + shlex.join(argv))
     try:
         for task in args.tasks:
@@ -273,14 +209,12 @@ def main(argv=None) -> list[Result]:
         sys.exit(f"error: {e}")
     started, everything = machine(), []
     for task in args.tasks:
-        out, budget, generation = Path(args.out) / task, budgets[task], task in GENERATION_TASKS
-        planned = (planned_runs(args.methods, args.seeds) if generation
-                   else len(args.methods or in_lesson_order()) * len(args.seeds))
+        out, budget, kind = Path(args.out) / task, budgets[task], kind_of(task)
+        planned = kind.planned(args.methods, args.seeds)
         results = run_comparison(args.methods, task, args.seeds, budget, quiet=args.quiet,
                                  on_result=lambda rs: write_results(rs, out, command, planned, started, earlier[task]))
         paths = write_results(results, out, command, started=started, earlier=earlier[task])
-        table = generation_table if generation else markdown_table
-        print(f"## {task}\n" + table(results, test_labels(task, budget)))
+        print(f"## {task}\n" + kind.table(results, test_labels(task, budget)))
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         everything += results
     return everything

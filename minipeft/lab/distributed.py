@@ -205,9 +205,10 @@ def main(argv=None) -> int:
     from pathlib import Path
 
     from ..api import save_adapter
-    from .compare import Once, check_runs
+    from .compare import Once
+    from .kinds import KINDS, check_runs
+    from .kinds.classification import KIND as CLASSIFICATION
     from ..core import RECIPES, get_recipe
-    from .generation_tasks import GENERATION_TASKS
     from .records import check_output_dir, write_json
     from .tasks import TASKS
     from .train import Budget
@@ -233,9 +234,11 @@ def main(argv=None) -> int:
 
     try:  # every check before any model is built; a refused command writes nothing
         recipe = get_recipe(args.method)
-        if args.task not in TASKS:  # train fits a classifier; compare also trains the generation tasks
+        if args.task not in CLASSIFICATION.tasks():  # train fits a classifier; compare trains every kind's tasks
+            others = "; ".join(f"python -m minipeft compare trains the {k.name} tasks {k.tasks()}"
+                               for k in KINDS.values() if k is not CLASSIFICATION)
             raise ValueError(f"unknown task {args.task!r} for train, which fits a classifier: one of {sorted(TASKS)} "
-                             f"(python -m minipeft compare trains the generation tasks {list(GENERATION_TASKS)})")
+                             f"({others})")
         check_runs([recipe], [args.task])
         out = Path(args.out or f"runs/train/{args.task}_{recipe.name}_seed{args.seed}")
         check_output_dir(out, ("head.safetensors", "result.json", "run.json"))

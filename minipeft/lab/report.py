@@ -15,7 +15,6 @@ import statistics
 from pathlib import Path
 
 from ..core import RECIPES, in_lesson_order
-from .generation_report import render_generation
 from .records import (by_method, check_output_dir, load_record, read_json, save_figure, training_memory_mb,
                       write_atomic)
 from .stats import Comparison, compare, correctness, mean_interval
@@ -105,11 +104,18 @@ def plot(results: list[Result], path, labels=None) -> None:
 
 def render_task(path) -> dict[str, Path]:
     """The views of one task's ``comparison.json``: ``comparison.md`` (table + how it was made) and
-    ``comparison.png`` next to it; returns their paths. The json is the record; these are remade from it."""
+    ``comparison.png`` next to it, as the task's kind draws them; returns their paths. The json is the record;
+    these are remade from it."""
+    from .kinds import kind_of
+    from .records import read_record
+
+    return kind_of(read_record(path)["task"]).render(Path(path))
+
+
+def render_classification(path) -> dict[str, Path]:
+    """A classification task's views (``render_task``): the accuracy table, its notes, the plot."""
     path = Path(path)
     record = load_record(path)
-    if record["results"][0].metric != "accuracy":  # a generation task (ROUGE)
-        return render_generation(path)
     results, labels, m = record["results"], record_labels(record), record.get("machine")
     paths = {"md": path.with_suffix(".md"), "png": path.with_suffix(".png")}
     r0 = results[0]

@@ -157,14 +157,11 @@ class Budget:
 
     @classmethod
     def for_task(cls, task: str, fast: bool | None = None) -> "Budget":
-        """The budget ``task`` is trained with: generation (``headline``) or classification, fast when ``fast``
-        (default: ``MINIPEFT_FAST=1``)."""
-        from .generation_tasks import GENERATION_TASKS
+        """The budget ``task`` is trained with: its kind's (``minipeft.lab.kinds``), fast when ``fast`` (default:
+        ``MINIPEFT_FAST=1``)."""
+        from .kinds import kind_of
 
-        fast = is_fast() if fast is None else fast
-        if task in GENERATION_TASKS:
-            return cls.generation_fast() if fast else cls.generation()
-        return cls.fast() if fast else cls.lesson()
+        return kind_of(task).budget(fast)
 
 
 # ---- counting ------------------------------------------------------------------------------------------------

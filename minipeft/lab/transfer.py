@@ -99,7 +99,8 @@ def load_sources(model: nn.Module, directory=SOURCES_DIR, tasks=SOURCES) -> list
 
 def build_arm(arm: str, seed: int, best: str | None = None, directory=SOURCES_DIR, task: str = TARGET):
     """A fresh target model for ``arm`` (see the module docstring), seeded; returns (model, lr)."""
-    from .compare import build_model, check_runs
+    from .compare import build_model
+    from .kinds import check_runs
 
     if arm in ("head", "adapter"):
         spec = get_recipe("head" if arm == "head" else SOURCE_RECIPE)

@@ -1,0 +1,60 @@
+"""Task kinds: what differs between a classification task and a generation task, one file per kind.
+
+    kind = kind_of("topic")          # the Kind whose tasks include "topic" (classification)
+    kind.budget(fast=False), kind.run(methods, task, seeds, budget, quiet, on_result), kind.table(results, refs)
+
+A kind states its tasks, the methods it compares and how it checks them, its budgets, how a comparison runs
+(the model built around the backbone, its batches and loss, through the one loop ``minipeft.lab.train.run_epochs``),
+the test references its predictions are scored against (paired tests), and its record's table and plot.
+compare, report, transfer and the CLI ask ``kind_of(task)``; nothing else tests a task's name. A new kind is one
+file here that calls ``register_kind`` and is imported at the bottom of this one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    tasks: Callable[[], list[str]]                  # the kind's task names
+    methods: Callable[[], list[str]]                # the methods compared by default, in the course's order
+    check_methods: Callable[[list, str], None]      # ValueError for a method that cannot run on the task
+    budget: Callable[[bool], object]                # the Budget, fast (CI) or not
+    run: Callable                                   # (methods, task, seeds, budget, quiet, on_result) -> [Result]
+    planned: Callable[[list | None, list], int]     # how many runs ``run`` makes for (methods, seeds)
+    references: Callable[[str, object], list]       # the test split's labels / reference texts (task, budget)
+    table: Callable[[list, list], str]              # markdown table of the results (results, references)
+    render: Callable                                # comparison.json path -> {"md": path, "png": path}
+
+
+KINDS: dict[str, Kind] = {}
+
+
+def register_kind(kind: Kind) -> Kind:
+    KINDS[kind.name] = kind
+    return kind
+
+
+def all_tasks() -> list[str]:
+    return [t for kind in KINDS.values() for t in kind.tasks()]
+
+
+def kind_of(task: str) -> Kind:
+    """The kind ``task`` belongs to; ValueError naming every task for an unknown one."""
+    for kind in KINDS.values():
+        if task in kind.tasks():
+            return kind
+    raise ValueError(f"unknown task {task!r}; available tasks: {all_tasks()}")
+
+
+def check_runs(methods, tasks) -> None:
+    """Refuse, before any model is built, a run that cannot be made: an unknown task, or a method its task's kind
+    does not run (``Kind.check_methods``). ``methods``: names or recipes. The one check of (method, task) pairs:
+    compare, train (``distributed.main``), transfer and the builders."""
+    for task in tasks:
+        kind_of(task).check_methods(list(methods), task)
+
+
+from . import classification, generation  # noqa: E402,F401  (each registers its kind)
