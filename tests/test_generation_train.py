@@ -15,7 +15,8 @@ from minipeft.lab.generation_report import generation_rows
 from minipeft.lab.generation_tasks import headline_prompt, load_headline, rouge, rouge_per_example
 from minipeft.lab.generation_train import (GENERATION_LRS, IGNORE, build_lm, decoder_tokenizer, lm_collate, lm_examples,
                                        lm_loss, train_lm, write_headlines)
-from minipeft.lab.report import load_all, render_task
+from minipeft.lab.kinds import render_task
+from minipeft.lab.report import load_all
 from minipeft.lab.stats import compare_scores
 from minipeft.lab.train import Budget, Result
 from helpers import TOL
@@ -114,10 +115,13 @@ def test_compare_refuses_a_method_the_task_cannot_run(capsys):
     assert "unknown method(s) ['zero_shot']; registered methods:" in capsys.readouterr().err
 
 
-def test_budget_for_task():
-    assert Budget.for_task("headline", fast=False) == Budget.generation()
-    assert Budget.for_task("headline", fast=True) == Budget.generation_fast()
-    assert Budget.for_task("topic", fast=False) == Budget.lesson()
+def test_each_kind_has_its_budget():
+    from minipeft.lab.kinds import kind_of
+
+    assert kind_of("headline").budget(fast=False) == Budget.generation() == Budget.for_generation(fast=False)
+    assert kind_of("headline").budget(fast=True) == Budget.generation_fast() == Budget.for_generation(fast=True)
+    assert kind_of("topic").budget(fast=False) == Budget.lesson()
+    assert kind_of("topic").budget(fast=True) == Budget.fast()
 
 
 def test_compare_scores_against_a_textbook_t_value():

@@ -24,7 +24,7 @@ def main(argv=None):
         print(usage)
         return
     if argv[0] == "report":
-        from .report import main as report_main
+        from .report_command import main as report_main
 
         return report_main(argv[1:])
     if argv[0] == "transfer":

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..core import Recipe, get_recipe, in_lesson_order
-from .kinds import all_tasks, check_runs, kind_of
+from .kinds import all_tasks, check_runs, kind_of, render_task
 from .kinds.classification import build_classifier
-from .report import render_task
 from .records import check_output_dir, read_record, write_json
 from .train import Budget, Result, SequenceClassifier, train
 
@@ -102,7 +101,7 @@ def test_labels(task: str, budget: Budget) -> list:
 
 def write_results(results: list[Result], out_dir, command: str, planned: int | None = None,
                   started: dict | None = None, earlier: dict | None = None) -> dict[str, Path]:
-    """Write comparison.json into ``out_dir`` and its views (.md, .png, ``report.render_task``); return the paths.
+    """Write comparison.json into ``out_dir`` and its views (.md, .png, ``kinds.render_task``); return the paths.
 
     ``planned``: the number of runs the command was to make; when fewer finished, the files say so.
     ``started``: ``machine()`` when the command began (its load average is recorded next to the one now).
@@ -185,7 +184,7 @@ def main(argv=None) -> list[Result]:
                    action=Once,
                    help=f"default: {' '.join(QUICK_TASKS)}; available: {' '.join(tasks)} ({by_kind})")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], action=Once)
-    p.add_argument("--fast", action="store_true", help="the CI budget (Budget.for_task(task, fast=True)); also MINIPEFT_FAST=1")
+    p.add_argument("--fast", action="store_true", help="the CI budget (kind_of(task).budget(fast=True)); also MINIPEFT_FAST=1")
     p.add_argument("--methods", nargs="+", default=None, metavar="NAME", action=Once,
                    help=f"default: the compared methods ({' '.join(in_lesson_order())}); lesson 06's ablations: "
                         f"{' '.join(sorted(set(in_lesson_order(True)) - set(in_lesson_order())))}")

@@ -1,7 +1,7 @@
 """Training the decoder with adapters on a generation task, and scoring what it writes (the ``headline`` task).
 
     model = build_lm("lora", seed=0)     # SmolLM2-135M-Instruct, frozen, + the recipe's adapter (the only part trained)
-    result = train_lm(model, "headline", lr=GENERATION_LRS["lora"], budget=Budget.for_task("headline"), seed=0)
+    result = train_lm(model, "headline", lr=GENERATION_LRS["lora"], budget=Budget.for_generation(), seed=0)
     result.test_acc, result.test_scores  # ROUGE-L F1 on the test split; ROUGE-1/2/L (``result.metric`` says which)
 
 Objective: the conditional language-model loss of Li & Liang (2021, §3, "max_φ log p_φ(y | x) = Σ_{i ∈ Y_idx}
@@ -16,7 +16,7 @@ after each epoch the validation headlines are written greedily and scored (``val
 at the end the test split's (``test_acc`` = ROUGE-L F1, ``test_predictions`` = the headlines, for paired tests).
 ``zero_shot`` trains nothing: the instruct model prompted as it is, the baseline.
 
-Budget (``Budget.for_task("headline")``): ``max_length`` is the body's token budget in the prompt
+Budget (``Budget.for_generation()``): ``max_length`` is the body's token budget in the prompt
 (``generation_tasks.headline_prompt``), ``max_train`` examples seen ``epochs`` times at ``batch_size``;
 ``eval_batch_size`` prompts are decoded together.
 """
@@ -132,7 +132,7 @@ def train_lm(model: nn.Module, task: str = "headline", lr: float | None = None, 
 
     if task not in GENERATION_TASKS:
         raise ValueError(f"unknown generation task {task!r}; available: {list(GENERATION_TASKS)}")
-    budget = check_budget(Budget.for_task(task) if budget is None else budget, model)
+    budget = check_budget(Budget.for_generation() if budget is None else budget, model)
     params = [p for p in model.parameters() if p.requires_grad]
     if params or lr is not None:  # zero-shot (nothing trainable) takes lr=None
         check_lr(lr)
@@ -199,7 +199,7 @@ def run_generation_comparison(methods=None, task: str = "headline", seeds=(0,), 
     after each run (``compare.main`` writes the files then)."""
     from ..core import get_recipe
 
-    budget = budget or Budget.for_task(task)
+    budget = budget or Budget.for_generation()
     results = []
     for name in methods or GENERATION_LRS:
         for seed in seeds_of(name, seeds):

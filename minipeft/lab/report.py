@@ -15,8 +15,7 @@ import statistics
 from pathlib import Path
 
 from ..core import RECIPES, in_lesson_order
-from .records import (by_method, check_output_dir, load_record, read_json, save_figure, training_memory_mb,
-                      write_atomic)
+from .records import by_method, load_record, read_json, save_figure, training_memory_mb, write_atomic
 from .stats import Comparison, compare, correctness, mean_interval
 from .train import Result
 
@@ -102,18 +101,8 @@ def plot(results: list[Result], path, labels=None) -> None:
     save_figure(fig, path)
 
 
-def render_task(path) -> dict[str, Path]:
-    """The views of one task's ``comparison.json``: ``comparison.md`` (table + how it was made) and
-    ``comparison.png`` next to it, as the task's kind draws them; returns their paths. The json is the record;
-    these are remade from it."""
-    from .kinds import kind_of
-    from .records import read_record
-
-    return kind_of(read_record(path)["task"]).render(Path(path))
-
-
 def render_classification(path) -> dict[str, Path]:
-    """A classification task's views (``render_task``): the accuracy table, its notes, the plot."""
+    """A classification task's views (``kinds.render_task``): the accuracy table, its notes, the plot."""
     path = Path(path)
     record = load_record(path)
     results, labels, m = record["results"], record_labels(record), record.get("machine")
@@ -267,50 +256,3 @@ def design_markdown(records: dict[str, dict], costs: dict | None = None) -> str:
         f"| {r['training_memory_mb']:.0f} ({r['train_state_mb']:.0f}) | {merges(r)} "
         f"| {fmt_ratio(r['batch1_vs_base'])} / {fmt_ratio(r['batch32_vs_base'])} | "
         + " | ".join(task_cell(r["tasks"][t]) for t in tasks) + " |\n" for r in design_rows(records, costs))
-
-
-def main(argv=None) -> str:
-    """``python -m minipeft report [--results results]``: print the measured table and write ``table.md``.
-
-    A record that cannot be read (truncated, not a record) is left out with a warning naming it, here and in
-    ``table.md``: the other tasks are still reported."""
-    import argparse
-    import sys
-
-    p = argparse.ArgumentParser(prog="python -m minipeft report",
-                                description="the design document's table from results/ (all tasks + costs)")
-    p.add_argument("--results", default="results", help="folder with <task>/comparison.json and costs.json")
-    args = p.parse_args(argv)
-    root = Path(args.results)
-    if not root.is_dir():
-        p.error(f"--results {root}: {'not a folder' if root.exists() else 'no such folder'}; it holds "
-                "<task>/comparison.json, made by `make results` (python -m minipeft compare)")
-    try:
-        check_output_dir(root, ["table.md"])
-    except ValueError as e:
-        p.error(str(e))
-    unreadable: dict[Path, str] = {}  # reported, not fatal: one bad file must not hide the good tasks
-    records, costs = load_all(root, unreadable)
-    for path, why in unreadable.items():
-        print(f"warning: left out of the report: {why}", file=sys.stderr)
-    for path in sorted(root.glob("*/comparison.json")):
-        if path not in unreadable:
-            render_task(path)
-    if not records:
-        p.error(f"no readable {root}/<task>/comparison.json of a classification task; make them with "
-                "`make results` (python -m minipeft compare)")
-    compared = {m for m, spec in RECIPES.items() if not spec.ablation}  # a column needs every compared method
-    partial = {t: rec for t, rec in records.items() if not compared <= {r.method for r in rec["results"]}}
-    records = {t: rec for t, rec in records.items() if t not in partial} or records
-    text = design_markdown(records, costs)
-    note = ("" if costs else "\nNo costs.json: run `cd bench && ../.venv/bin/python costs.py --out ../results/costs.json`.\n")
-    note += "".join(f"\nNot in the table: `{t}/comparison.json` ({', '.join(by_method(rec['results']))} only).\n"
-                    for t, rec in partial.items() if t not in records)
-    note += "".join(f"\nNot in the table (unreadable): {why}\n" for why in unreadable.values())
-    write_atomic(
-        root / "table.md",
-        "# The design document's table, measured\n\n## In short (the README's)\n\n" + summary_markdown(records, costs)
-        + "\n## In full\n\n" + text + note + "\nMade by `python -m minipeft report` from "
-        + ", ".join(f"`{t}/comparison.json`" for t in records) + (" and `costs.json`" if costs else "") + ".\n")
-    print(text + note)
-    return text

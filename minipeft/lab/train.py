@@ -156,12 +156,10 @@ class Budget:
                    timing_warmup_steps=1)
 
     @classmethod
-    def for_task(cls, task: str, fast: bool | None = None) -> "Budget":
-        """The budget ``task`` is trained with: its kind's (``minipeft.lab.kinds``), fast when ``fast`` (default:
-        ``MINIPEFT_FAST=1``)."""
-        from .kinds import kind_of
-
-        return kind_of(task).budget(fast)
+    def for_generation(cls, fast: bool | None = None) -> "Budget":
+        """``generation_fast()`` when ``fast`` (default: ``MINIPEFT_FAST=1``), else ``generation()``; a task's budget
+        whatever its kind: ``minipeft.lab.kinds.kind_of(task).budget()``."""
+        return cls.generation_fast() if (is_fast() if fast is None else fast) else cls.generation()
 
 
 # ---- counting ------------------------------------------------------------------------------------------------

@@ -49,6 +49,17 @@ def kind_of(task: str) -> Kind:
     raise ValueError(f"unknown task {task!r}; available tasks: {all_tasks()}")
 
 
+def render_task(path) -> dict:
+    """The views of one task's ``comparison.json``: ``comparison.md`` (table + how it was made) and
+    ``comparison.png`` next to it, as the task's kind draws them; returns their paths. The json is the record;
+    these are remade from it."""
+    from pathlib import Path
+
+    from ..records import read_record
+
+    return kind_of(read_record(path)["task"]).render(Path(path))
+
+
 def check_runs(methods, tasks) -> None:
     """Refuse, before any model is built, a run that cannot be made: an unknown task, or a method its task's kind
     does not run (``Kind.check_methods``). ``methods``: names or recipes. The one check of (method, task) pairs:

@@ -7,7 +7,7 @@ comparison: ``minipeft.lab.generation_train`` (its loss ``lm_loss`` in the one l
 """
 from __future__ import annotations
 
-from ..train import Budget, is_fast
+from ..train import Budget
 from . import Kind, register_kind
 
 
@@ -32,8 +32,7 @@ def check_methods(names, task: str) -> None:
 
 
 def budget(fast: bool | None = None) -> Budget:
-    fast = is_fast() if fast is None else fast
-    return Budget.generation_fast() if fast else Budget.generation()
+    return Budget.for_generation(fast)
 
 
 def run(names, task: str, seeds, budget: Budget | None, quiet: bool, on_result) -> list:
