@@ -41,13 +41,14 @@ def real_batch(batch_size: int = 32, seq_len: int = 64, task: str = "sentiment")
 
 
 def interleaved_medians(fns: dict, repeats: int = 20, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each function, timed round-robin so drift hits all of them alike."""
+    """Median seconds per call of each function, timed round-robin so drift hits all of them alike; every other
+    round runs them in reverse order, so no function always runs first (or always right after the same one)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for round_ in range(repeats):
+        for name, fn in (fns.items() if round_ % 2 == 0 else reversed(fns.items())):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
