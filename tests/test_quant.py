@@ -11,8 +11,11 @@ import torch
 from minipeft import LoRAConfig, add_adapter, merge_adapter, train_adapter
 from minipeft import quant as Q
 from minipeft.backbones.decoder import Decoder, DecoderConfig
-from helpers import assert_unchanged, perturb, structure
-from test_decoder_methods import CONFIGS  # one example config per method, as the decoder's conformance suite
+from helpers import EXAMPLES, assert_unchanged, perturb, structure
+
+# every method's example configs, as the conformance suite's (fusion's read source adapters: covered there)
+CONFIGS = {f"{method}-{label}": ex.config for method, labels in EXAMPLES.items() for label, ex in labels.items()
+           if not ex.sources}
 
 LINEARS = ["q", "k", "v", "o", "gate", "up", "down"]
 # 128·200 weights in gate/up/down = 400 blocks of 64: two 2nd-level blocks of 256, the last one partial
@@ -246,7 +249,7 @@ def test_every_method_attaches_to_the_4bit_decoder_unchanged(small, tokens, meth
         if dequantize:
             Q.dequantize_linears(model)
         torch.manual_seed(5)
-        add_adapter(model, copy.deepcopy(CONFIGS[method]), "a")
+        add_adapter(model, CONFIGS[method](), "a")
         perturb(model, "a")
         with torch.no_grad():
             outputs.append(model(tokens["input_ids"], tokens["attention_mask"]))
