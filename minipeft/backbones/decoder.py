@@ -107,7 +107,8 @@ def rotate_half(x):  # (..., d_h): (x1, x2) -> (-x2, x1), the pairing transforme
 
 
 def rotary(positions: torch.Tensor, head_dim: int, theta: float):
-    """cos, sin of the angles m·θ_i, θ_i = theta^(−2i/d_h) (Su et al. 2021, Eq. 15), each (B, 1, T, d_h)."""
+    """cos, sin of the angles m·θ_i, θ_i = theta^(−2i/d_h) (Su et al. 2021, Eq. 15), each (B, 1, T, d_h) for
+    positions (B, T) (B = 1: the same positions for every row)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     angles = positions[..., None].float() * inv_freq  # (B, T, d_h/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, d_h)
@@ -250,6 +251,8 @@ class Decoder(Backbone):
         past = mask.new_zeros(B, 0) if first else cache.mask  # (B, S)
         # real tokens sit at positions 0..n-1 whatever the padding; padding gets 0 (its output is unused)
         positions = (past.sum(1, keepdim=True) + mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+        if bool((positions == positions[:1]).all()):  # every row at the same positions: one table, broadcast
+            positions = positions[:1]
         mask_for = causal_key_masks(mask, past)  # n_prefix -> (B, 1, T, l + S + T) or None (plain causal)
         x = self.embed(input_ids)  # (B, T, d)
         rope = tuple(c.to(x.dtype) for c in rotary(positions, self.cfg.head_dim, self.cfg.rope_theta))
