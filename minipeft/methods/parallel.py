@@ -109,10 +109,16 @@ class ParallelAdapter(AdapterModule):
             self.scale = nn.Parameter(torch.tensor(float(config.scale_init)))
         else:
             self.register_buffer("scale", torch.tensor(float(config.scale)), persistent=False)
+        # a fixed s = 2^k (1, 4) scales exactly, so s·(W_up a + b_up) = W_up (s·a) + s·b_up bit for bit, outputs and
+        # gradients alike: the scale is then applied to the r numbers of a rather than the d of the output
+        self.scale_inside = not config.learned and math.frexp(float(config.scale))[0] == 0.5
 
     def forward(self, x, h, close):
         # Δh = s · A(x): x the sublayer input (B, T, d); h and close are not used (He et al. 2022, Table 1)
-        return self.scale * self.up(self.act(self.down(x)))  # (B, T, d)
+        a = self.act(self.down(x))  # (B, T, r)
+        if self.scale_inside:
+            return F.linear(a * self.scale, self.up.weight, self.up.bias * self.scale)  # (B, T, d)
+        return self.scale * self.up(a)  # (B, T, d)
 
 
 def parallel_count(d: int, L: int, r: int, sites: int = 1, learned: bool = False) -> int:
