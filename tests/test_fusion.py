@@ -64,6 +64,17 @@ def test_fusion_equals_the_paper_formula_at_real_tokens(fused, batch):
     assert gap(run(fused, batch), expected, batch["attention_mask"]) < TOL
 
 
+def test_both_ways_of_forming_q_w_k_equal_the_paper_formula(fused, batch):
+    """Below d = 384 tokens the layer computes q, then q W_K; from d tokens on it forms W_Qᵀ W_K once (d³ multiply-adds
+    instead of (B·T)·d²): the same function either way."""
+    doubled = {key: value.repeat(2, 1) for key, value in batch.items()}
+    assert batch["input_ids"].numel() < 384 <= doubled["input_ids"].numel()
+    with torch.no_grad():
+        expected = reference(fused, doubled)
+    assert gap(run(fused, doubled), expected, doubled["attention_mask"]) < TOL
+    assert gap(run(fused, doubled)[:len(batch["input_ids"])], run(fused, batch), batch["attention_mask"]) < TOL
+
+
 def test_uniform_attention_averages_the_adapters(fused, batch):
     """Q = 0: every score is 0, s_n = 1/N; with V = I exactly, o = mean of the adapters' outputs."""
     with torch.no_grad():

@@ -164,12 +164,15 @@ class FusionLayer(AdapterModule):
             return u if h_ is h else close(h_)
 
         z = torch.stack([self.source(n)(x, h, closed) for n in self.sources], dim=2)  # (B, T, N, d)
-        # q = W_Q u + b_Q; scores_n = q · (W_K z_n + b_K) = (q W_K) · z_n + q · b_K: one d×d product instead of N,
-        # and q W_K = u (W_Qᵀ W_K) + b_Q W_K: the weights multiplied once (d³), not a second (B·T)×d×d product
+        # q = W_Q u + b_Q; scores_n = q · (W_K z_n + b_K) = (q W_K) · z_n + q · b_K: one d×d product instead of N
         wq, bq, wk, bk = self.query.weight, self.query.bias, self.key.weight, self.key.bias
-        qk = F.linear(u, wk.T @ wq, bq @ wk)  # (B, T, d) = q W_K
-        qb = F.linear(u, (bk @ wq)[None], (bq @ bk)[None])  # (B, T, 1) = q · b_K
-        scores = torch.einsum("btd,btnd->btn", qk, z) + qb
+        if u[..., 0].numel() >= u.shape[-1]:  # B·T ≥ d tokens: q W_K = u (W_Qᵀ W_K) + b_Q W_K, the weights
+            qk = F.linear(u, wk.T @ wq, bq @ wk)  # multiplied once (d³) instead of a second (B·T)×d×d product
+            qb = F.linear(u, (bk @ wq)[None], (bq @ bk)[None])  # (B, T, 1) = q · b_K
+        else:
+            q = self.query(u)  # (B, T, d)
+            qk, qb = q @ wk, (q @ bk).unsqueeze(-1)
+        scores = torch.einsum("btd,btnd->btn", qk, z) + qb  # (B, T, N)
         s = torch.softmax(self.dropout(scores), dim=-1)  # (B, T, N), softmax over the adapters
         self.last_attention = s.detach()
         return self.value(torch.einsum("btn,btnd->btd", s, z))  # o = Σ_n s_n V z_n = V Σ_n s_n z_n   (B, T, d)
