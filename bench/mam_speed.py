@@ -11,8 +11,13 @@ The floor of the inference ratio, counted in multiply-adds per token and layer (
 the padded batch counts, as the kernels compute them all): the base model does 4d² (q, k, v, o) + 2Td (QKᵀ and AV
 over T keys) + 2df (the FFN); the ejected MAM attends over l + T keys and adds its parallel adapter's 2rd. MiniLM
 (d = 384, f = 1536), T = 64, l = 30, r = 67: 1,818,624 vs 1,893,120, a ratio of 1.041. The prefix's keys are 47%
-more keys, but attention over 64 keys is only 2.7% of the base's multiply-adds; the rest of the measured ratio is
-memory traffic: the keys and values copied behind the prefix, the softmax over 94 keys, the adapter's ReLU and scale.
+more keys, but attention over 64 keys is only 2.7% of the base's multiply-adds. In time it is 10% (the fused
+attention kernel runs its small per-head products and softmax far below the big matmuls' rate), so the ratio's floor
+with these kernels is higher: per forward of 185 ms (2 threads, torch.profiler) the ejected MAM adds attention over
+94 keys +7.7 ms, the adapter's two matmuls (r = 67) +6.9 ms, the keys and values copied behind the prefix +3.9 ms and
++4 ms of small ops (ReLU, the residual add, bias copies): 1.13-1.14. Fresh pages for the large temporaries move either
+model by 5-15% from process to process (glibc hands freed memory back to the kernel); with
+MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_MMAP_THRESHOLD_=33554432 in the environment they stay mapped.
 """
 import copy
 
