@@ -75,32 +75,6 @@ def test_both_ways_of_forming_q_w_k_equal_the_paper_formula(fused, batch):
     assert gap(run(fused, doubled)[:len(batch["input_ids"])], run(fused, batch), batch["attention_mask"]) < TOL
 
 
-def test_sources_of_one_shape_run_together_as_each_alone(fused):
-    """``FusionLayer.source_outputs`` runs sources of one shape as one matmul down and one batched matmul up: the
-    same z_n as each source's own forward (``Bottleneck.forward``), stacked."""
-    layer = fusion_layers(fused, "f")[2]
-    torch.manual_seed(4)
-    x, h = torch.randn(2, 5, 384), torch.randn(2, 5, 384)
-    close = lambda h_: layer.site.norm(x + h_)  # noqa: E731  (BERT's closing rule)
-    with torch.no_grad():
-        together = layer.source_outputs(x, h, close(h), close)
-        alone = torch.stack([layer.site.deltas[n](x, h, close) for n in SOURCES], dim=2)
-    assert together.shape == (2, 5, 3, 384) and gap(together, alone) < TOL
-
-
-def test_sources_of_different_sizes_equal_the_paper_formula(model, batch):
-    """Bottlenecks of different sizes cannot share one batched matmul: each runs on its own, same formula."""
-    torch.manual_seed(0)
-    for name, m in zip(SOURCES, (16, 8, 16)):
-        add_adapter(model, BottleneckConfig(placement="pfeiffer", bottleneck=m, init_std=0.1), name)
-    freeze_adapters(model, *SOURCES)
-    torch.manual_seed(1)
-    add_adapter(model, FusionConfig(adapters=SOURCES), "f")
-    with torch.no_grad():
-        expected = reference(model, batch)
-    assert gap(run(model, batch), expected, batch["attention_mask"]) < TOL
-
-
 def test_uniform_attention_averages_the_adapters(fused, batch):
     """Q = 0: every score is 0, s_n = 1/N; with V = I exactly, o = mean of the adapters' outputs."""
     with torch.no_grad():

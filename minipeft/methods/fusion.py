@@ -157,28 +157,13 @@ class FusionLayer(AdapterModule):
                                f"its output: activate only the fusion (set_active(model, {self.adapter_name!r}))")
         return deltas[name]
 
-    def source_outputs(self, x, h, u, close) -> torch.Tensor:
-        """z (B, T, N, d): each source's Δh, z_n = W_up,n f(W_down,n v + b_down,n) + b_up,n (``Bottleneck``), v = u
-        or h as the source reads. Sources of one shape (the usual case) run together: their down-projections as one
-        matmul, their up-projections as one batched matmul whose result is already z (no copy to stack them)."""
-        sources = [self.source(n) for n in self.sources]
-        first = sources[0]
-        if not all(type(s) is Bottleneck and (s.reads, s.act, s.down.out_features) ==
-                   (first.reads, first.act, first.down.out_features) for s in sources):
-            def closed(h_):  # the sources read the same close(h): computed once, not once per source
-                return u if h_ is h else close(h_)
-            return torch.stack([s(x, h, closed) for s in sources], dim=2)
-        v = u if first.reads == "output" else h  # (B, T, d)
-        (B, T, d), N, m = v.shape, len(sources), first.down.out_features
-        down_w, down_b = torch.cat([s.down.weight for s in sources]), torch.cat([s.down.bias for s in sources])
-        a = first.act(F.linear(v, down_w, down_b)).view(B * T, N, m).transpose(0, 1)  # (N, B·T, m)
-        z = torch.baddbmm(torch.stack([s.up.bias for s in sources]).unsqueeze(1), a,
-                          torch.stack([s.up.weight for s in sources]).transpose(1, 2))  # (N, B·T, d)
-        return z.transpose(0, 1).view(B, T, N, d)
-
     def forward(self, x, h, close):
         u = close(h)  # (B, T, d): the query reads the block's output before any adapter
-        z = self.source_outputs(x, h, u, close)  # (B, T, N, d)
+
+        def closed(h_):  # the sources read the same close(h): computed once, not once per source
+            return u if h_ is h else close(h_)
+
+        z = torch.stack([self.source(n)(x, h, closed) for n in self.sources], dim=2)  # (B, T, N, d)
         # q = W_Q u + b_Q; scores_n = q · (W_K z_n + b_K) = (q W_K) · z_n + q · b_K: one d×d product instead of N
         wq, bq, wk, bk = self.query.weight, self.query.bias, self.key.weight, self.key.bias
         if u[..., 0].numel() >= u.shape[-1]:  # B·T ≥ d tokens: q W_K = u (W_Qᵀ W_K) + b_Q W_K, the weights
