@@ -89,6 +89,21 @@ class Site(nn.Module):
         return close(h)  # (B, T, d)
 
 
+class FeedForward(Site):
+    """h = W_out act(W_in x + b_in) + b_out (Vaswani et al. 2017, Eq. 2), LayerNorm'd after the residual (BERT,
+    ``post_norm``) or before the sublayer (GPT-2)."""
+
+    def __init__(self, cfg, post_norm: bool):
+        norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        super().__init__(norm, post_norm=post_norm, dropout=cfg.dropout)
+        self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def sublayer(self, x):
+        return self.ffn_out(self.act(self.ffn_in(x)))
+
+
 class Backbone(nn.Module):
     """Base of every backbone: ``layers`` (blocks with ``attn`` and ``ffn`` sites), ``prefixes``, the layout.
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import ACTIVATIONS, AttentionLayout, Backbone, Site
+from .contract import ACTIVATIONS, AttentionLayout, Backbone, FeedForward, Site
 from .registry import BackboneEntry, register_backbone
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
@@ -133,23 +133,10 @@ class Attention(Site):
         return self.o(a.transpose(1, 2).flatten(2))  # (B, T, d)
 
 
-class FeedForward(Site):
-    """h = W_out act(W_in x + b_in) + b_out (Vaswani et al. 2017, Eq. 2)."""
-
-    def __init__(self, cfg: EncoderConfig):
-        super().__init__(nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps), post_norm=True, dropout=cfg.dropout)
-        self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = ACTIVATIONS[cfg.hidden_act]
-
-    def sublayer(self, x):
-        return self.ffn_out(self.act(self.ffn_in(x)))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        self.attn, self.ffn = Attention(cfg), FeedForward(cfg)
+        self.attn, self.ffn = Attention(cfg), FeedForward(cfg, post_norm=True)
 
     def forward(self, x, key_mask=None, prefix=None):
         return self.ffn(self.attn(x, key_mask, prefix))

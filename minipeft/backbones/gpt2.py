@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import ACTIVATIONS, AttentionLayout, Backbone, Site, causal_key_masks, prefixed_keys_values
+from .contract import (ACTIVATIONS, AttentionLayout, Backbone, FeedForward, Site, causal_key_masks,
+                       prefixed_keys_values)
 from .decoder import Decoder, KVCache, LayerKV
 from .registry import BackboneEntry, register_backbone
 
@@ -122,23 +123,10 @@ class Attention(Site):
         return self.o(a.transpose(1, 2).flatten(2))  # (B, T, d)
 
 
-class FeedForward(Site):
-    """h = W_out gelu_tanh(W_in x + b_in) + b_out (Radford et al. 2019; Hendrycks & Gimpel 2016)."""
-
-    def __init__(self, cfg: GPT2Config):
-        super().__init__(nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps), post_norm=False, dropout=cfg.dropout)
-        self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = ACTIVATIONS[cfg.hidden_act]
-
-    def sublayer(self, x):
-        return self.ffn_out(self.act(self.ffn_in(x)))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
-        self.attn, self.ffn = Attention(cfg), FeedForward(cfg)
+        self.attn, self.ffn = Attention(cfg), FeedForward(cfg, post_norm=False)  # act: gelu_tanh (Radford et al. 2019)
 
     def forward(self, x, mask=None, prefix=None, kv=None):
         return self.ffn(self.attn(x, mask, prefix, kv))

@@ -179,37 +179,3 @@ def train_lm(model: nn.Module, task: str = "headline", lr: float | None = None, 
                   backbone_params=n_backbone, trainable_pct=100 * n_train / n_backbone,
                   stored_pct=100 * n_stored / n_backbone, device=str(device), versions=versions(),
                   test_predictions=headlines, metric="rougeL", test_scores=scores)
-
-
-# ---- the comparison (``python -m minipeft compare --tasks headline``) --------------------------------------------
-
-def seeds_of(method: str, seeds) -> list[int]:
-    """The seeds ``method`` is run with: zero-shot decodes greedily and trains nothing, so one run (the first
-    seed) stands for every seed; the others run every seed."""
-    return list(seeds)[:1] if GENERATION_LRS[method] is None else list(seeds)
-
-
-def planned_runs(methods, seeds) -> int:
-    return sum(len(seeds_of(m, seeds)) for m in methods or GENERATION_LRS)
-
-
-def run_generation_comparison(methods=None, task: str = "headline", seeds=(0,), budget: Budget | None = None,
-                              quiet: bool = False, on_result=None) -> list[Result]:
-    """Each method (all of ``GENERATION_LRS`` by default) per seed with one budget; ``on_result(results_so_far)``
-    after each run (``compare.main`` writes the files then)."""
-    from ..core import get_recipe
-
-    budget = budget or Budget.for_generation()
-    results = []
-    for name in methods or GENERATION_LRS:
-        for seed in seeds_of(name, seeds):
-            config = {} if GENERATION_LRS[name] is None else get_recipe(name).config
-            results.append(train_lm(build_lm(name, seed), task, GENERATION_LRS[name], budget, seed, name, config,
-                                    quiet))
-            if on_result is not None:
-                on_result(results)
-            if not quiet:
-                r = results[-1]
-                print(f"{name} seed {seed}: test ROUGE-L {100 * r.test_acc:.1f}, {r.trainable_pct:.3g}% trained, "
-                      f"{r.sec_per_step:.1f} s/step, {r.train_seconds:.0f} s", flush=True)
-    return results

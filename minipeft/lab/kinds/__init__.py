@@ -49,6 +49,20 @@ def kind_of(task: str) -> Kind:
     raise ValueError(f"unknown task {task!r}; available tasks: {all_tasks()}")
 
 
+def run_each(jobs, line, on_result=None, quiet: bool = False) -> list:
+    """Run ``jobs`` ((label, make): ``make()`` trains and returns one Result) in turn, the same way for every kind:
+    ``on_result(results_so_far)`` after each run (``compare.main`` writes its files then), and unless ``quiet`` a
+    line "<label>: <line(result)>"."""
+    results = []
+    for label, make in jobs:
+        results.append(make())
+        if on_result is not None:
+            on_result(results)
+        if not quiet:
+            print(f"{label}: {line(results[-1])}", flush=True)
+    return results
+
+
 def render_task(path) -> dict:
     """The views of one task's ``comparison.json``: ``comparison.md`` (table + how it was made) and
     ``comparison.png`` next to it, as the task's kind draws them; returns their paths. The json is the record;

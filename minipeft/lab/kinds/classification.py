@@ -9,7 +9,7 @@ from __future__ import annotations
 from ...api import apply_recipe
 from ...core import RECIPES, Recipe, get_recipe, in_lesson_order
 from ..train import Budget, SequenceClassifier, is_fast, seed_everything, train
-from . import Kind, register_kind
+from . import Kind, register_kind, run_each
 
 
 def tasks() -> list[str]:
@@ -55,18 +55,15 @@ def build_classifier(spec: Recipe | str, task: str = "sentiment", seed: int = 0,
 def run(methods, task: str, seeds, budget: Budget | None, quiet: bool, on_result) -> list:
     """Each method (the compared ones by default) once per seed with the same budget."""
     budget = budget or Budget.from_env()
-    results = []
-    for spec in [get_recipe(m) for m in (methods or in_lesson_order())]:
-        for seed in seeds:
-            results.append(train(build_classifier(spec, task, seed), task, spec.lr, budget, seed=seed,
-                                 method=spec.name, config=spec.config, quiet=quiet))
-            if on_result is not None:
-                on_result(results)
-            if not quiet:
-                r = results[-1]
-                print(f"{spec.name} seed {seed}: test acc {r.test_acc:.3f}, {r.trainable_pct:.3g}% trained, "
-                      f"{r.sec_per_step:.2f} s/step", flush=True)
-    return results
+
+    def make(spec, seed):
+        return lambda: train(build_classifier(spec, task, seed), task, spec.lr, budget, seed=seed,
+                             method=spec.name, config=spec.config, quiet=quiet)
+
+    jobs = [(f"{spec.name} seed {seed}", make(spec, seed))
+            for spec in [get_recipe(m) for m in (methods or in_lesson_order())] for seed in seeds]
+    return run_each(jobs, lambda r: f"test acc {r.test_acc:.3f}, {r.trainable_pct:.3g}% trained, "
+                                    f"{r.sec_per_step:.2f} s/step", on_result, quiet)
 
 
 def planned(methods, seeds) -> int:

@@ -1,14 +1,14 @@
 """The generation kind: the decoder with an adapter, the masked conditional LM loss, ROUGE, a paired test on
 per-example ROUGE-L against zero-shot.
 
-Tasks: ``minipeft.lab.generation_tasks.GENERATION_TASKS``; methods: ``GENERATION_LRS``; training and the
-comparison: ``minipeft.lab.generation_train`` (its loss ``lm_loss`` in the one loop); table and plot:
+Tasks: ``minipeft.lab.generation_tasks.GENERATION_TASKS``; methods: ``GENERATION_LRS``; training:
+``minipeft.lab.generation_train`` (its loss ``lm_loss`` in the one loop); table and plot:
 ``minipeft.lab.generation_report``.
 """
 from __future__ import annotations
 
 from ..train import Budget
-from . import Kind, register_kind
+from . import Kind, register_kind, run_each
 
 
 def tasks() -> list[str]:
@@ -35,16 +35,32 @@ def budget(fast: bool | None = None) -> Budget:
     return Budget.for_generation(fast)
 
 
-def run(names, task: str, seeds, budget: Budget | None, quiet: bool, on_result) -> list:
-    from ..generation_train import run_generation_comparison
+def seeds_of(method: str, seeds) -> list[int]:
+    """The seeds ``method`` is run with: zero-shot decodes greedily and trains nothing, so one run (the first
+    seed) stands for every seed; the others run every seed."""
+    from ..generation_train import GENERATION_LRS
 
-    return run_generation_comparison(names, task, seeds, budget, quiet, on_result)
+    return list(seeds)[:1] if GENERATION_LRS[method] is None else list(seeds)
+
+
+def run(names, task: str, seeds, budget: Budget | None, quiet: bool, on_result) -> list:
+    """Each method (all of ``GENERATION_LRS`` by default) per seed (``seeds_of``) with one budget."""
+    from ...core import get_recipe
+    from ..generation_train import GENERATION_LRS, build_lm, train_lm
+
+    budget = budget or Budget.for_generation()
+
+    def make(name, seed):
+        config = {} if GENERATION_LRS[name] is None else get_recipe(name).config
+        return lambda: train_lm(build_lm(name, seed), task, GENERATION_LRS[name], budget, seed, name, config, quiet)
+
+    jobs = [(f"{name} seed {seed}", make(name, seed)) for name in names or methods() for seed in seeds_of(name, seeds)]
+    return run_each(jobs, lambda r: f"test ROUGE-L {100 * r.test_acc:.1f}, {r.trainable_pct:.3g}% trained, "
+                                    f"{r.sec_per_step:.1f} s/step, {r.train_seconds:.0f} s", on_result, quiet)
 
 
 def planned(names, seeds) -> int:
-    from ..generation_train import planned_runs
-
-    return planned_runs(names, seeds)
+    return sum(len(seeds_of(m, seeds)) for m in names or methods())
 
 
 def references(task: str, budget: Budget) -> list:
