@@ -19,6 +19,18 @@ def run(model, batch):
         return model(batch["input_ids"], batch["attention_mask"])
 
 
+def padded_tokens(cfg, length: int, pads, left: bool = True, seed: int = 1) -> dict:
+    """Random tokens of a tiny config (seeded), row i padded by ``pads[i]`` positions: on the left, as generate pads
+    a decoder's prompts, or on the right; padding holds ``cfg.pad_token_id`` where the config has one."""
+    torch.manual_seed(seed)
+    ids = torch.randint(3, cfg.vocab_size, (len(pads), length))
+    position = torch.arange(length)[None]  # (1, T)
+    n = torch.tensor(pads)[:, None]  # (B, 1)
+    mask = (position >= n if left else position < length - n).long()  # 1 = a real token
+    pad = getattr(cfg, "pad_token_id", None)
+    return {"input_ids": ids if pad is None else ids.masked_fill(mask == 0, pad), "attention_mask": mask}
+
+
 def gap(a, b, mask=None) -> float:
     """Largest |a − b| over real tokens (``mask`` (B, T), 1 = real; None = everywhere)."""
     diff = (a - b).abs()

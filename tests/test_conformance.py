@@ -18,7 +18,7 @@ from minipeft.backbones import REGISTRY
 from minipeft.core import METHODS, adapter_configs, adapter_modules
 from minipeft.methods.lora import LoRALinear
 from minipeft.methods.prefix import Prefix
-from helpers import EXAMPLES, HF_TWINS, TOL, assert_unchanged, gap, perturb, run, structure
+from helpers import EXAMPLES, HF_TWINS, TOL, assert_unchanged, gap, padded_tokens, perturb, run, structure
 
 CASES = [pytest.param(method, label, family, id=f"{method}-{label}-{family}")
          for method in METHODS for label in EXAMPLES.get(method, {"no example": None}) for family in REGISTRY]
@@ -34,13 +34,7 @@ def build(family):
 def tiny_batch(model):
     """Random tokens padded to three lengths: on the right for an encoder, on the left for a decoder (a KV cache,
     ``new_cache``), as generate pads its prompts."""
-    torch.manual_seed(1)
-    ids = torch.randint(3, model.cfg.vocab_size, (3, 10))
-    mask = torch.ones_like(ids)
-    mask[1, 6:], mask[2, 3:] = 0, 0
-    if hasattr(model, "new_cache"):
-        mask = mask.flip(-1)
-    return {"input_ids": ids, "attention_mask": mask}
+    return padded_tokens(model.cfg, 10, (0, 4, 7), left=hasattr(model, "new_cache"))
 
 
 def example(method, label):

@@ -12,7 +12,7 @@ from minipeft.methods.lora import lora_count
 from minipeft.methods.mam import MAMConfig, mam_stored_count
 from minipeft.methods.parallel import parallel_count
 from minipeft.methods.prefix import prefix_stored_count, prefix_training_count
-from helpers import TOL, gap, perturb, run
+from helpers import TOL, gap, padded_tokens, perturb, run
 
 TINY = DecoderConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
                      max_position=64, name="tiny-llama (random)")
@@ -27,12 +27,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def tiny_batch():
-    """Random tokens, left-padded to different lengths (generation pads on the left)."""
-    torch.manual_seed(1)
-    ids = torch.randint(3, TINY.vocab_size, (3, 10))
-    mask = torch.ones_like(ids)
-    mask[1, :4], mask[2, :7] = 0, 0
-    return {"input_ids": ids.masked_fill(mask == 0, TINY.pad_token_id), "attention_mask": mask}
+    return padded_tokens(TINY, 10, (0, 4, 7))
 
 
 def test_prefix_width_is_the_key_value_width(tiny, tiny_batch):

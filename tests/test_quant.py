@@ -11,7 +11,7 @@ import torch
 from minipeft import LoRAConfig, add_adapter, merge_adapter, train_adapter
 from minipeft import quant as Q
 from minipeft.backbones.decoder import Decoder, DecoderConfig
-from helpers import EXAMPLES, assert_unchanged, perturb, structure
+from helpers import EXAMPLES, assert_unchanged, padded_tokens, perturb, structure
 
 # every method's example configs, as the conformance suite's (fusion's read source adapters: covered there)
 CONFIGS = {f"{method}-{label}": ex.config for method, labels in EXAMPLES.items() for label, ex in labels.items()
@@ -202,12 +202,7 @@ def test_quantize_twice_or_after_an_adapter_is_refused_unchanged(small):
 
 @pytest.fixture(scope="module")
 def tokens():
-    """Random tokens, left-padded to different lengths (generation pads on the left)."""
-    torch.manual_seed(1)
-    ids = torch.randint(3, SMALL.vocab_size, (3, 12))
-    mask = torch.ones_like(ids)
-    mask[1, :4], mask[2, :9] = 0, 0
-    return {"input_ids": ids.masked_fill(mask == 0, SMALL.pad_token_id), "attention_mask": mask}
+    return padded_tokens(SMALL, 12, (0, 4, 9))
 
 
 @pytest.fixture
