@@ -54,6 +54,21 @@ class AttentionLayout:
         return self.num_kv_heads * self.head_dim
 
 
+def check_decoder_config(cfg, sizes: tuple[str, ...]) -> None:
+    """What every decoder config must hold: ``sizes`` positive integers, d divisible by the heads, its pad / bos /
+    eos ids None or in the vocabulary; a ValueError naming the field."""
+    for key in sizes:
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if cfg.hidden_size % cfg.num_heads:
+        raise ValueError(f"hidden_size {cfg.hidden_size} must be divisible by num_heads {cfg.num_heads}")
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(cfg, key)
+        if value is not None and not (isinstance(value, int) and 0 <= value < cfg.vocab_size):
+            raise ValueError(f"{key} must be None or a token id in [0, {cfg.vocab_size - 1}], got {value!r}")
+
+
 class Site(nn.Module):
     """One sublayer of a block (see the module docstring). Subclasses implement ``sublayer(x, *args) -> h``.
 

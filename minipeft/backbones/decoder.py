@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import AttentionLayout, Backbone, Site, causal_key_masks, prefixed_keys_values
+from .contract import AttentionLayout, Backbone, Site, causal_key_masks, check_decoder_config, prefixed_keys_values
 from .registry import BackboneEntry, register_backbone
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -49,13 +49,8 @@ class DecoderConfig:
     name: str = "smollm2-135m-sized (random)"
 
     def __post_init__(self):
-        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                    "max_position"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        check_decoder_config(self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                                    "intermediate_size", "max_position"))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads} "
                              "(grouped-query attention shares each key/value head among a group of query heads)")
@@ -64,10 +59,6 @@ class DecoderConfig:
         for key in ("rms_norm_eps", "rope_theta"):
             if not isinstance(getattr(self, key), (int, float)) or not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be a number > 0, got {getattr(self, key)!r}")
-        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(self, key)
-            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
-                raise ValueError(f"{key} must be None or a token id in [0, {self.vocab_size - 1}], got {value!r}")
 
     @property
     def head_dim(self) -> int:

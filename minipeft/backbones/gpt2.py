@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contract import (ACTIVATIONS, AttentionLayout, Backbone, FeedForward, Site, causal_key_masks,
-                       prefixed_keys_values)
+                       check_decoder_config, prefixed_keys_values)
 from .decoder import Decoder, KVCache, LayerKV
 from .registry import BackboneEntry, register_backbone
 
@@ -50,18 +50,10 @@ class GPT2Config:
     name: str = "gpt2-sized (random)"
 
     def __post_init__(self):
-        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        check_decoder_config(self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                                    "max_position"))
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} not supported; allowed: {sorted(ACTIVATIONS)}")
-        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(self, key)
-            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
-                raise ValueError(f"{key} must be None or a token id in [0, {self.vocab_size - 1}], got {value!r}")
 
     @property
     def head_dim(self) -> int:

@@ -13,8 +13,8 @@ from typing import Callable
 @dataclass(frozen=True)
 class BackboneEntry:
     """family; the class (a ``contract.Backbone`` with ``from_hf``); ``tiny()`` a small random config for tests;
-    ``asset`` the offline checkpoint ``cls.from_pretrained()`` loads by default (None: none ships); ``tokenizer(path=None)``
-    that checkpoint's tokenizer, loaded lazily (transformers is imported only when called)."""
+    ``asset`` the offline checkpoint ``cls.from_pretrained()`` loads by default (None: none ships);
+    ``tokenizer(path=None)`` that checkpoint's tokenizer, loaded lazily (transformers is imported only when called)."""
     family: str
     cls: type
     tiny: Callable[[], object]
