@@ -45,6 +45,13 @@ def minilm_path() -> Path:
     return asset_path("minilm")
 
 
+def load_tokenizer(path=None):
+    """A checkpoint's own tokenizer, from its local directory (default: MiniLM's, the encoder's); never the hub."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path or minilm_path()), local_files_only=True)
+
+
 def smollm2_gguf_path() -> Path:
     """GGUF file of SmolLM2-135M-Instruct (Q4_1); ``backbones.decoder`` de-quantises and caches it."""
     return asset_path("smollm2")

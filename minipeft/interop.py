@@ -404,7 +404,7 @@ def tokenizer_dir(encoder: nn.Module) -> str | None:
     """The checkpoint directory of the tokenizer ``encoder`` reads (``train`` loads it when given no ``tokenizer=``):
     the directory its weights came from when it holds a tokenizer (a minipeft backbone's, a wrapped transformers
     model's ``name_or_path``); for minipeft's own backbones made from a config, their family's asset (None: MiniLM's,
-    ``tasks.load_tokenizer``; SmolLM2's for the Decoder). Any other model: a ValueError asking for ``tokenizer=``,
+    ``assets.load_tokenizer``; SmolLM2's for the Decoder). Any other model: a ValueError asking for ``tokenizer=``,
     never another model's tokenizer."""
     if isinstance(encoder, TransformersBackbone):
         home, kind = encoder.model, type(encoder.model).__name__

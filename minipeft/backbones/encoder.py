@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..assets import load_tokenizer
 from .contract import ACTIVATIONS, AttentionLayout, Backbone, FeedForward, Site
 from .registry import BackboneEntry, register_backbone
 
@@ -213,16 +214,7 @@ class Encoder(Backbone):
         return ours
 
 
-def load_encoder_tokenizer(path: str | Path | None = None):
-    """The encoder's tokenizer, from its local checkpoint directory (default: MiniLM); never the hub."""
-    from transformers import AutoTokenizer
-
-    from ..assets import minilm_path
-
-    return AutoTokenizer.from_pretrained(str(path or minilm_path()), local_files_only=True)
-
-
 register_backbone(BackboneEntry(
     "bert", Encoder, lambda: EncoderConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4,
                                            intermediate_size=96, max_position=64, name="tiny-bert (random)"),
-    asset="minilm", tokenizer=load_encoder_tokenizer))
+    asset="minilm", tokenizer=load_tokenizer))

@@ -33,7 +33,7 @@ from functools import lru_cache, partial
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-from ..assets import asset_path
+from ..assets import asset_path, load_tokenizer  # noqa: F401  (load_tokenizer: the lessons read it here, with the tasks)
 
 SPLIT_SEED = 1234
 SPLIT_SIZES = {"sentiment": (500, 1000), "subjectivity": (200, 400), "topic": (200, 400), "question": (500, 1000),
@@ -271,15 +271,6 @@ def _check_labels(labels: list, split: str, num_classes: int) -> None:
 
 
 # ---- tokenisation ------------------------------------------------------------------------------------------
-
-def load_tokenizer(path=None):
-    """The backbone's own tokenizer, from its local checkpoint directory (default: MiniLM); never the hub."""
-    from transformers import AutoTokenizer
-
-    from ..assets import minilm_path
-
-    return AutoTokenizer.from_pretrained(str(path or minilm_path()), local_files_only=True)
-
 
 def tokenize(dd, tokenizer, max_length: int = 64):
     """Add ``input_ids`` / ``attention_mask`` (truncated to max_length, not padded) to every split.

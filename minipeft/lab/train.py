@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..api import stored_count
+from ..assets import load_tokenizer
 
 FAST_ENV = "MINIPEFT_FAST"
 POOLINGS = ("mean", "cls")
@@ -266,8 +267,6 @@ def default_device() -> torch.device:
 
 @lru_cache(maxsize=4)
 def _tokenizer(path=None):
-    from .tasks import load_tokenizer
-
     return load_tokenizer(path)
 
 
