@@ -133,7 +133,6 @@ def set_active(model: nn.Module, *names: str) -> None:
 
 def activate(model: nn.Module, name: str) -> None:
     """Add adapter ``name`` to the active ones (already active: nothing changes)."""
-    _check_names(model, [name])
     set_active(model, *(_active_names(model) | {name}))
 
 
