@@ -20,7 +20,7 @@ from typing import Callable, ClassVar
 
 from torch import nn
 
-from .backbones.contract import Backbone, find_backbone  # noqa: F401  (re-exported for methods)
+from .backbones.contract import ROLES, Backbone, find_backbone  # noqa: F401  (re-exported for methods)
 
 
 class AdapterModule(nn.Module):
@@ -184,21 +184,37 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def match_modules(model: nn.Module, targets, kind=nn.Module) -> dict[str, nn.Module]:
-    """Modules of type ``kind`` whose name equals a target, ends with ``.target``, or fully matches it as a regex,
-    outside every adapter module (LoRA on "up" must not land on an adapter's own ``up``). Every target must match
-    at least one module (a typo is an error, not a silently smaller adapter)."""
+    """Modules of type ``kind`` that a target names, outside every adapter module (LoRA on "up" must not land on an
+    adapter's own ``up``). On a model holding a minipeft backbone, a target that is a role (``ROLES``: "q", "v",
+    "ffn_in", ...) means the linears that play it in every block (Llama's "ffn_in": gate and up); any other target
+    matches a module whose name equals it, ends with ``.target``, or fully matches it as a regex. Every target
+    must match at least one module (a typo is an error, not a silently smaller adapter)."""
     targets = [targets] if isinstance(targets, str) else list(targets)
     inside = tuple(p + "." for p in adapter_modules(model))  # an adapter's own layers are never targets
     candidates = {n: m for n, m in model.named_modules() if isinstance(m, kind) and not isinstance(m, AdapterModule)
                   and not n.startswith(inside)}
+    roles = role_players(model)
     hits = {}
     for t in targets:
-        found = {n: m for n, m in candidates.items() if n == t or n.endswith("." + t) or re.fullmatch(t, n)}
+        if t in roles:
+            found = {n: m for n, m in candidates.items() if id(m) in roles[t]}
+        else:
+            found = {n: m for n, m in candidates.items() if n == t or n.endswith("." + t) or re.fullmatch(t, n)}
         if not found:
             raise ValueError(f"no {kind.__name__} in the model matches target {t!r} (of {targets}); "
                              f"available names include {[n for n in candidates if n][:8]}")
         hits.update(found)
     return dict(sorted(hits.items(), key=lambda item: list(candidates).index(item[0])))
+
+
+def role_players(model: nn.Module) -> dict[str, set[int]]:
+    """Role -> ids of the linears that play it in the blocks of ``model``'s minipeft backbone ({} without one)."""
+    try:
+        backbone = find_backbone(model)
+    except TypeError:
+        return {}
+    return {role: {id(m) for layer in backbone.layers for site in (layer.attn, layer.ffn) for m in site.role(role)}
+            for role in ROLES}
 
 
 def module_widths(module: nn.Module, hidden_size: int | None = None) -> tuple[int, int]:

@@ -51,3 +51,29 @@ def test_one_loading_path():
         for method in ("from_hf", "from_hf_dir", "from_hf_state", "load_hf_state_dict"):
             assert method not in vars(entry.cls), f"{entry.cls.__name__} overrides {method}"
         assert "convert_hf_state" in vars(entry.cls)
+
+
+@pytest.mark.parametrize("family", sorted(REGISTRY))
+def test_roles_name_the_same_projections_on_every_backbone(family):
+    """A recipe's role means the same part everywhere: "q"/"v" the query/value projections, "ffn_in" the linears
+    before the FFN's activation (Llama's gate and up), "ffn_out" the one after; LoRA on roles lands exactly there."""
+    from minipeft import LoRAConfig, add_adapter
+    from minipeft.core import ROLES, adapter_modules
+
+    torch.manual_seed(0)
+    entry = REGISTRY[family]
+    model = entry.cls(entry.tiny())
+    layer = model.layers[0]
+    d, f = model.hidden_size, model.cfg.intermediate_size
+    assert [m.out_features for m in layer.attn.role("q")] == [d]
+    assert [m.out_features for m in layer.attn.role("v")] == [model.attention.kv_width]
+    assert [m.out_features for m in layer.ffn.role("ffn_in")] == ([f, f] if family == "llama" else [f])
+    assert [m.in_features for m in layer.ffn.role("ffn_out")] == [f]
+    assert layer.attn.role("ffn_in") == [] and layer.ffn.role("q") == []
+    add_adapter(model, LoRAConfig(r=2, targets=["v", "ffn_in"]), "a")
+    hosts = {id(m.base_layer) for m in adapter_modules(model, "a").values()}
+    expected = {id(m) for block in model.layers for m in block.attn.role("v") + block.ffn.role("ffn_in")}
+    assert hosts == expected and len(expected) == model.num_layers * (1 + len(layer.ffn.role("ffn_in")))
+    with pytest.raises(ValueError, match="unknown role 'query'"):
+        layer.attn.role("query")
+    assert set(ROLES) == {"q", "k", "v", "o", "ffn_in", "ffn_out"}

@@ -5,6 +5,7 @@ that happens explicit, and methods attach only through what is listed here (neve
 
     backbone.layers[i].attn, backbone.layers[i].ffn     the two *sites* of block i (``Site``)
     site.linears()                                       its named ``nn.Linear``s (q k v o, ffn_in ffn_out, ...)
+    site.role(role)                                      the linears that play a ``ROLES`` part in it (see below)
     backbone.attention                                   head layout: heads, key/value heads, head width
     backbone.prefixes                                    prefix modules: per layer extra keys/values (l, kv_width)
     backbone.hidden_size, .num_layers, .identity()       what a saved adapter records and checks
@@ -39,6 +40,13 @@ ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda t: F.gelu(t, a
                "tanh": torch.tanh}
 
 Close = Callable[[torch.Tensor], torch.Tensor]
+
+# The parts a recipe names (LoRA's "q", "v"; IA³'s "k", "v", "ffn_out"); each site says which of its linears
+# play them, so one recipe means the same projections on every backbone. Most backbones name their linears after
+# their role; Llama's SwiGLU reads its input through two (gate and up) and writes through ``down``.
+ROLES = {"q": "attention query", "k": "attention key", "v": "attention value", "o": "attention output",
+         "ffn_in": "feed-forward input (the linears before the activation)",
+         "ffn_out": "feed-forward output (the linear after the activation)"}
 
 
 @dataclass(frozen=True)
@@ -80,12 +88,22 @@ class Site(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.deltas = nn.ModuleDict()
 
+    # role -> the attribute names of the linears that play it, where they are not the role's own name
+    roles: dict[str, tuple[str, ...]] = {}
+
     def sublayer(self, x: torch.Tensor, *args) -> torch.Tensor:
         raise NotImplementedError
 
     def linears(self) -> dict[str, nn.Linear]:
         """The site's named linear layers, e.g. {"q": ..., "k": ..., "v": ..., "o": ...}."""
         return {n: m for n, m in self.named_children() if isinstance(m, nn.Linear)}
+
+    def role(self, role: str) -> list[nn.Linear]:
+        """The linears of this site that play ``role`` (one of ``ROLES``); [] if the site has none."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; roles: {sorted(ROLES)}")
+        linears = self.linears()
+        return [linears[n] for n in self.roles.get(role, (role,)) if n in linears]
 
     def forward(self, r: torch.Tensor, *args) -> torch.Tensor:
         x = r if self.post_norm else self.norm(r)  # (B, T, d): what the sublayer reads

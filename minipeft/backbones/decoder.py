@@ -168,6 +168,8 @@ class Attention(Site):
 class FeedForward(Site):
     """SwiGLU: h = W_down (silu(W_gate x) ⊙ W_up x)  (Shazeer 2020, Eq. 6; Touvron et al. 2023, §2.2)."""
 
+    roles = {"ffn_in": ("gate", "up"), "ffn_out": ("down",)}
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__(nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps), post_norm=False)
         self.gate, self.up = (nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False) for _ in range(2))

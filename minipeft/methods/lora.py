@@ -10,9 +10,10 @@ when r changes (§4.1: "tuning α is roughly the same as tuning the learning rat
 ΔW is linear in x, so it folds into the weight: ``merge()`` sets W = W0 + (α/r)BA (no extra latency,
 Hu et al. §4.1 and Table 1), ``unmerge()`` subtracts it again.
 
-Placement: on each ``nn.Linear`` matching ``targets`` (names, ``.suffix`` or regex, on any nn.Module: ``q``,
-``v`` on minipeft's Encoder; ``query``, ``value`` on a ``transformers`` BertModel), the update is a parallel
-Δh on the layer's output (``api.add_output_delta``), so the Linear and its state-dict names stay as they were.
+Placement: on each ``nn.Linear`` that ``targets`` name (``core.match_modules``): roles on a minipeft backbone
+(``q``, ``v``: the query and value projections of every backbone; ``ffn_in`` is Llama's gate and up), else names,
+``.suffix`` or regex on any nn.Module (``query``, ``value`` on a ``transformers`` BertModel), the update is a
+parallel Δh on the layer's output (``api.add_output_delta``), so the Linear and its state-dict names stay.
 Parameters per target: r·d_in + d_out·r = r(d_in + d_out); in all L · |targets| · r(d_in + d_out) when every
 target of the L layers has the same shape (BERT-base, r=8 on W_q, W_v: 294,912; Hu et al. §5.2).
 """
@@ -35,7 +36,7 @@ INITS = ("kaiming", "gaussian")
 @dataclass
 class LoRAConfig(AdapterConfig):
     """r: rank; alpha: α of the scale α/r (α/√r with ``rslora``); dropout on the LoRA input x;
-    targets: Linear names/suffixes/regexes; init of A: "kaiming" (uniform, a=√5, as loralib/peft) or
+    targets: roles (``ROLES``) or Linear names/suffixes/regexes; init of A: "kaiming" (uniform, a=√5, as loralib/peft) or
     "gaussian" (N(0, 1/r²), the paper's "random Gaussian", std as peft's)."""
 
     method = "lora"

@@ -149,12 +149,13 @@ class FusedParallelFFN(nn.Module):
     def __init__(self, ffn: nn.Module, adapter: ParallelAdapter):
         super().__init__()
         s = adapter.scale.detach()
-        self.f, self.norm, self.act, self.adapter_act = ffn.ffn_in.out_features, ffn.norm, ffn.act, adapter.act
+        (ffn_in,), (ffn_out,) = ffn.role("ffn_in"), ffn.role("ffn_out")
+        self.f, self.norm, self.act, self.adapter_act = ffn_in.out_features, ffn.norm, ffn.act, adapter.act
         with torch.no_grad():
-            self.register_buffer("w_in", torch.cat([ffn.ffn_in.weight, adapter.down.weight]))  # (f + r, d)
-            self.register_buffer("b_in", torch.cat([ffn.ffn_in.bias, adapter.down.bias]))
-            self.register_buffer("w_out", torch.cat([ffn.ffn_out.weight, s * adapter.up.weight], dim=1))  # (d, f + r)
-            self.register_buffer("b_out", ffn.ffn_out.bias + s * adapter.up.bias)
+            self.register_buffer("w_in", torch.cat([ffn_in.weight, adapter.down.weight]))  # (f + r, d)
+            self.register_buffer("b_in", torch.cat([ffn_in.bias, adapter.down.bias]))
+            self.register_buffer("w_out", torch.cat([ffn_out.weight, s * adapter.up.weight], dim=1))  # (d, f + r)
+            self.register_buffer("b_out", ffn_out.bias + s * adapter.up.bias)
 
     def forward(self, x):
         if self.training:
@@ -173,9 +174,9 @@ def fuse_parallel_ffn(model: nn.Module, name: str) -> nn.Module:
         adapter = layer.ffn.deltas[name] if name in layer.ffn.deltas else None
         if not isinstance(adapter, ParallelAdapter):
             continue
-        if not {"ffn_in", "ffn_out"} <= set(layer.ffn.linears()) or not layer.ffn.post_norm:
-            raise ValueError(f"cannot fuse {name!r}: fusing needs a post-LN two-matrix FFN site (ffn_in, ffn_out, "
-                             f"as BERT's); this one has {sorted(layer.ffn.linears())}")
+        if not (len(layer.ffn.role("ffn_in")) == len(layer.ffn.role("ffn_out")) == 1 and layer.ffn.post_norm):
+            raise ValueError(f"cannot fuse {name!r}: fusing needs a post-LN FFN site with one input and one output "
+                             f"linear (as BERT's); this one has {sorted(layer.ffn.linears())}")
         others = [k for k, m in layer.ffn.deltas.items() if k != name and m.active]
         if others:
             raise ValueError(f"cannot fuse {name!r}: the FFN site also has active modules {others}")

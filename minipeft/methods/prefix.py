@@ -151,7 +151,7 @@ def token_activations(backbone, token_ids: list[int]) -> torch.Tensor:
     ids = torch.tensor([token_ids], device=next(backbone.parameters()).device)
     captured, hooks = [], []
     for layer in backbone.layers:
-        for proj in (layer.attn.k, layer.attn.v):
+        for proj in layer.attn.role("k") + layer.attn.role("v"):
             hooks.append(proj.register_forward_hook(lambda m, i, o: captured.append(o[0])))
     was_training, saved = backbone.training, dict(backbone.prefixes.items())
     try:
