@@ -9,6 +9,8 @@
 - An adapter's config is kept once, on the model (``adapter_configs``), never copied onto its modules.
 - A method's deployment step is its config's ``deploy(model, name)``: ``api.for_inference`` asks each attached
   adapter's config (a class registered here) for it, and knows no method by name.
+- An *example* is a small config of a method that the conformance suite (tests/test_conformance.py) attaches to
+  every registered backbone, with its closed-form counts; each method file registers its own (``EXAMPLES``).
 - A *recipe* is a method as the course trains it (name, lesson, learning rate, config, size knob): each method
   file registers its own, and ``compare``, the lessons and the parameter explorer read them from ``RECIPES``.
 """
@@ -151,6 +153,34 @@ def in_lesson_order(ablations: bool = False) -> list[str]:
     lesson, then ``order``, then registration."""
     ordered = sorted(RECIPES, key=lambda name: (RECIPES[name].lesson, RECIPES[name].order))
     return [n for n in ordered if ablations or not RECIPES[n].ablation]
+
+
+# ---- examples: a method as the conformance suite tries it on every backbone --------------------------------------
+
+@dataclass(frozen=True)
+class Example:
+    """A small config of a method that attaches to any registered backbone. ``counts(d, L, w)``: its closed form
+    in the backbone's width d, layers L and key/value width w, as (trained, stored), or one number when everything
+    trained is stored (None: the method offers none); ``sources``: how many trained, frozen adapters it reads
+    (AdapterFusion), which the suite attaches first as s0, s1, ..."""
+    config: Callable[[], AdapterConfig]
+    counts: Callable[[int, int, int], int | tuple[int, int]] | None = None
+    sources: int = 0
+
+    def expected_counts(self, backbone: Backbone) -> tuple[int, int] | None:
+        """(trained, stored) on ``backbone`` from the closed form, or None."""
+        if self.counts is None:
+            return None
+        n = self.counts(backbone.hidden_size, backbone.num_layers, backbone.attention.kv_width)
+        return (n, n) if isinstance(n, int) else n
+
+
+EXAMPLES: dict[str, dict[str, Example]] = {}
+
+
+def register_example(method: str, label: str, example: Example) -> None:
+    """Add ``example`` under ``label`` to ``EXAMPLES[method]`` (each method file registers its own)."""
+    EXAMPLES.setdefault(method, {})[label] = example
 
 
 # ---- finding things -----------------------------------------------------------------------------------------

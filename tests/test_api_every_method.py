@@ -11,10 +11,11 @@ from minipeft import (BottleneckConfig, CompacterConfig, CompacterPPConfig, LoRA
 from minipeft.api import CONFIG_FILE, WEIGHTS_FILE, stored_count
 from minipeft.backbones.encoder import Encoder
 from minipeft.methods.parallel import fuse_parallel_ffn
+from minipeft.core import EXAMPLES
 from minipeft.lab.train import SequenceClassifier
-from helpers import EXAMPLES, TOL, assert_unchanged, gap, perturb, run, structure
+from helpers import TOL, assert_unchanged, gap, perturb, run, structure
 
-# every example of every registered method (tests/helpers.py EXAMPLES) that needs no other adapter
+# every example of every registered method (minipeft.core.EXAMPLES) that needs no other adapter
 CONFIGS = {f"{method}-{label}": example.config() for method, examples in EXAMPLES.items()
            for label, example in examples.items() if not example.sources}
 

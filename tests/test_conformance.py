@@ -1,5 +1,5 @@
 """The conformance suite, generated from the registries: every registered method (``minipeft.core.METHODS``, its
-examples in ``helpers.EXAMPLES``) on every registered backbone (``minipeft.backbones.REGISTRY``, its tiny random
+examples ``minipeft.core.EXAMPLES``, registered in its file) on every registered backbone (``minipeft.backbones.REGISTRY``, its tiny random
 config, seeded). A new method or backbone is covered without editing this file; a method with no example fails.
 
 Each pair: it does something; inactive = base exactly; save -> load under another name bit-identical; delete
@@ -15,10 +15,10 @@ import torch
 from minipeft import (add_adapter, delete_adapter, for_inference, freeze_adapters, load_adapter, parameter_summary,
                       save_adapter, set_active)
 from minipeft.backbones import REGISTRY
-from minipeft.core import METHODS, adapter_configs, adapter_modules
+from minipeft.core import EXAMPLES, METHODS, adapter_configs, adapter_modules
 from minipeft.methods.lora import LoRALinear
 from minipeft.methods.prefix import Prefix
-from helpers import EXAMPLES, HF_TWINS, TOL, assert_unchanged, gap, padded_tokens, perturb, run, structure
+from helpers import HF_TWINS, TOL, assert_unchanged, gap, padded_tokens, perturb, run, structure
 
 CASES = [pytest.param(method, label, family, id=f"{method}-{label}-{family}")
          for method in METHODS for label in EXAMPLES.get(method, {"no example": None}) for family in REGISTRY]
@@ -39,7 +39,7 @@ def tiny_batch(model):
 
 def example(method, label):
     if label not in EXAMPLES.get(method, {}):
-        pytest.fail(f"method {method!r} is registered but has no example config in tests/helpers.py EXAMPLES")
+        pytest.fail(f"method {method!r} is registered but has no example: register one in its file (core.register_example)")
     return EXAMPLES[method][label]
 
 
@@ -93,7 +93,7 @@ def test_conformance(method, label, family, tmp_path):
     assert_backward_reaches(model, batch)
 
     if ex.counts is not None:  # closed forms = numel
-        trained, stored = ex.counts(model)
+        trained, stored = ex.expected_counts(model)
         summary = parameter_summary(model, "a")
         numel = sum({id(p): p.numel() for m in adapter_modules(model, "a").values() for p in m.parameters()}.values())
         assert (summary.adapter, summary.stored) == (trained, stored) and numel == trained

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.contract import ACTIVATIONS
-from ..core import (AdapterConfig, AdapterModule, Knob, Recipe, add_output_delta, find_backbone, match_modules,
-                    module_widths, register_method, register_recipe)
+from ..core import (AdapterConfig, AdapterModule, Example, Knob, Recipe, add_output_delta, find_backbone,
+                    match_modules, module_widths, register_example, register_method, register_recipe)
 
 PLACEMENTS = ("houlsby", "pfeiffer", "ffn", "modules")
 INITS = ("near_identity", "identity")
@@ -132,3 +130,9 @@ register_recipe(Recipe.adapter(
     knob=Knob("bottleneck m", (8, 16, 32, 64, 96, 128, 256), 96),
     description="sequential adapter m=96 on the FFN output h (Houlsby's FFN adapter; same count as parallel r=96)",
     ablation=True, order=2))
+
+# the conformance suite's examples (tests/test_conformance.py: every method on every backbone)
+register_example("bottleneck", "houlsby", Example(lambda: BottleneckConfig(bottleneck=8),
+                                                  lambda d, L, w: houlsby_count(d, L, 8)))
+register_example("bottleneck", "pfeiffer", Example(lambda: BottleneckConfig(placement="pfeiffer", bottleneck=8),
+                                                   lambda d, L, w: pfeiffer_count(d, L, 8)))

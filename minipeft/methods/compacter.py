@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..backbones.contract import ACTIVATIONS
-from ..core import (AdapterModule, Knob, Recipe, add_output_delta, find_backbone, match_modules, register_method,
-                    register_recipe)
+from ..core import (AdapterModule, Example, Knob, Recipe, add_output_delta, find_backbone, match_modules,
+                    register_example, register_method, register_recipe)
 from .bottleneck import Bottleneck, BottleneckConfig
 from .phm import PHMLinear, new_phm_rule, phm_layer_count
 
@@ -153,3 +153,11 @@ register_recipe(Recipe.adapter(
     "compacter_pp", lesson="03", lr=3e-3, make=lambda k: CompacterPPConfig(bottleneck=k, n=4),
     knob=Knob("bottleneck k", (8, 16, 24, 32, 48, 64, 96), 24),
     description="Compacter++ k=24, n=4, FFN only (0.033% of MiniLM; Karimi Mahabadi et al. 2021)"))
+
+# the conformance suite's examples (tests/test_conformance.py: every method on every backbone)
+register_example("phm_adapter", "phm", Example(lambda: PHMAdapterConfig(bottleneck=8, n=4),
+                                               lambda d, L, w: phm_adapter_count(d, L, 8, 4)))
+register_example("compacter", "compacter", Example(lambda: CompacterConfig(bottleneck=8, n=4),
+                                                   lambda d, L, w: compacter_count(d, L, 8, 4)))
+register_example("compacter_pp", "compacter_pp", Example(lambda: CompacterPPConfig(bottleneck=8, n=4),
+                                                         lambda d, L, w: compacter_count(d, L, 8, 4, sites=1)))

@@ -16,7 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core import AdapterConfig, AdapterModule, adapter_modules, config_from_dict, register_method
+from ..core import (AdapterConfig, AdapterModule, Example, adapter_modules, config_from_dict, register_example,
+                    register_method)
+from .bottleneck import BottleneckConfig, pfeiffer_count
+from .lora import LoRAConfig, lora_qv_count
+from .prefix import PrefixConfig
 
 
 class Gate(AdapterModule):
@@ -110,3 +114,11 @@ class CompositeConfig(AdapterConfig):
     def to_dict(self) -> dict:
         return {"parts": {part: {"method": c.method, "config": c.to_dict()} for part, c in self.parts.items()},
                 "gated": self.gated}
+
+
+# the conformance suite's examples (tests/test_conformance.py: every method on every backbone)
+register_example("composite", "adapter_lora", Example(
+    lambda: CompositeConfig({"adapter": BottleneckConfig(placement="pfeiffer", bottleneck=8), "lora": LoRAConfig(r=2)}),
+    lambda d, L, w: pfeiffer_count(d, L, 8) + lora_qv_count(d, L, w, 2)))
+register_example("composite", "gated", Example(
+    lambda: CompositeConfig({"lora": LoRAConfig(r=2), "prefix": PrefixConfig(length=3, hidden=8)}, gated=True)))

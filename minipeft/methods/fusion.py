@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import (AdapterConfig, AdapterModule, adapter_configs, adapter_modules, adapter_names, find_backbone,
-                    register_method)
+from ..core import (AdapterConfig, AdapterModule, Example, adapter_configs, adapter_modules, adapter_names,
+                    find_backbone, register_example, register_method)
 from .bottleneck import Bottleneck, BottleneckConfig
 
 PAPER_LR = 5e-5                        # the fusion parameters' learning rate in Pfeiffer et al. 2021, §4
@@ -219,3 +219,7 @@ def fusion_attention(model: nn.Module, name: str, attention_mask: torch.Tensor |
 def fusion_count(d: int, L: int) -> int:
     """One fusion layer per transformer layer: Q, K (d² + d each), V (d², no bias): L(3d² + 2d)."""
     return L * (3 * d * d + 2 * d)
+
+# the conformance suite's example: it reads two trained, frozen adapters (s0, s1), attached first
+register_example("fusion", "fusion", Example(lambda: FusionConfig(adapters=["s0", "s1"]),
+                                             lambda d, L, w: fusion_count(d, L), sources=2))

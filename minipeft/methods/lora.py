@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import (AdapterConfig, AdapterModule, Knob, Recipe, adapter_modules, adapter_names, add_output_delta,
-                    match_modules, register_method, register_recipe, remove_output_delta)
+from ..core import (AdapterConfig, AdapterModule, Example, Knob, Recipe, adapter_modules, adapter_names,
+                    add_output_delta, match_modules, register_example, register_method, register_recipe,
+                    remove_output_delta)
 
 INITS = ("kaiming", "gaussian")
 
@@ -240,3 +241,11 @@ register_recipe(Recipe.adapter(
     "lora", lesson="02", lr=2e-3, make=lambda r: LoRAConfig(r=r, alpha=2 * r, targets=["q", "v"]),
     knob=Knob("rank r", (1, 2, 4, 8, 16, 32, 64), 8),
     description="LoRA r=8, alpha=16 on W_q, W_v (0.33% of MiniLM; Hu et al. 2021): L·2·r(d + d), mergeable"))
+
+def lora_qv_count(d: int, L: int, w: int, r: int) -> int:
+    """LoRA on the query and value roles of any backbone: L·r(d + d) + L·r(d + w), w the key/value width."""
+    return lora_count(r, d, d, num_layers=L) + lora_count(r, d, w, num_layers=L)
+
+
+# the conformance suite's example (tests/test_conformance.py: every method on every backbone)
+register_example("lora", "lora", Example(lambda: LoRAConfig(r=4), lambda d, L, w: lora_qv_count(d, L, w, 4)))

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..core import AdapterConfig, Knob, Recipe, find_backbone, register_method, register_recipe
+from ..core import (AdapterConfig, Example, Knob, Recipe, find_backbone, register_example, register_method,
+                    register_recipe)
 from .bottleneck import BottleneckConfig
 from .composite import CompositeConfig, attach_parts
 from .lora import LoRAConfig
 from .parallel import ScaledParallelAdapterConfig, parallel_count, rank_for_budget
-from .prefix import PrefixConfig, eject_prefix, prefix_stored_count
+from .prefix import PrefixConfig, eject_prefix, prefix_stored_count, prefix_training_count
 
 
 @register_method
@@ -114,3 +115,9 @@ register_recipe(Recipe.adapter(
     knob=Knob("bottleneck m (+ LoRA r=8)", (8, 16, 32, 64, 80, 128), 80),
     description="the design document's 'MAM': Pfeiffer adapter m=80 + LoRA r=8 on W_q, W_v (≈2%, matched to mam)",
     ablation=True, order=1))
+
+# the conformance suite's example (tests/test_conformance.py: every method on every backbone)
+register_example("mam", "mam", Example(
+    lambda: MAMConfig(length=3, hidden=16, reduction_factor=8),
+    lambda d, L, w: (prefix_training_count(d, L, 3, 16, kv_width=w) + parallel_count(d, L, d // 8),
+                     mam_stored_count(d, L, 3, d // 8, kv_width=w))))

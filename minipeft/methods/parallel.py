@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.contract import ACTIVATIONS
-from ..core import (AdapterConfig, AdapterModule, Knob, Recipe, add_output_delta, find_backbone, match_modules,  # noqa: F401
-                    module_widths, register_method, register_recipe)
+from ..core import (AdapterConfig, AdapterModule, Example, Knob, Recipe, add_output_delta, find_backbone,  # noqa: F401
+                    match_modules, module_widths, register_example, register_method, register_recipe)
 
 PLACEMENTS = ("ffn", "attn", "both", "modules")
 
@@ -202,3 +202,10 @@ register_recipe(Recipe.adapter(
     knob=Knob("bottleneck r", (8, 16, 32, 64, 96, 128, 256), 96),
     description="scaled parallel adapter r=96, s=4 at the attention site (the position ablation of He et al. §4.3)",
     ablation=True, order=3))
+
+# the conformance suite's examples (tests/test_conformance.py: every method on every backbone)
+register_example("parallel", "ffn", Example(lambda: ParallelAdapterConfig(r=8), lambda d, L, w: parallel_count(d, L, 8)))
+register_example("parallel", "both", Example(lambda: ParallelAdapterConfig(r=8, placement="both"),
+                                             lambda d, L, w: parallel_count(d, L, 8, sites=2)))
+register_example("scaled_parallel", "learned", Example(lambda: ScaledParallelAdapterConfig(r=8, scale="learned"),
+                                                       lambda d, L, w: parallel_count(d, L, 8, learned=True)))

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core import AdapterConfig, AdapterModule, Knob, Recipe, find_backbone, register_method, register_recipe
+from ..core import (AdapterConfig, AdapterModule, Example, Knob, Recipe, find_backbone, register_example,
+                    register_method, register_recipe)
 
 INITS = ("normal", "tokens")
 
@@ -198,3 +199,10 @@ register_recipe(Recipe.adapter(
     "prefix", lesson="05", lr=1e-3, make=lambda l: PrefixConfig(length=l, hidden=512, reparameterize=True),
     knob=Knob("prefix length l", (5, 10, 20, 30, 50, 100, 200), 30),
     description="prefix tuning l=30, reparameterised (k=512; Li & Liang 2021): trains P' + MLP, stores 2·l·d·L"))
+
+# the conformance suite's examples (tests/test_conformance.py: every method on every backbone)
+register_example("prefix", "reparameterized", Example(
+    lambda: PrefixConfig(length=3, hidden=16),
+    lambda d, L, w: (prefix_training_count(d, L, 3, 16, kv_width=w), prefix_stored_count(w, L, 3))))
+register_example("prefix", "flat", Example(lambda: PrefixConfig(length=3, reparameterize=False),
+                                           lambda d, L, w: prefix_stored_count(w, L, 3)))
