@@ -1,10 +1,14 @@
 """Lesson 00's checks accept the reference answers and reject plausible wrong ones with a useful message."""
+import math
+
 import pytest
 from torch import nn
 
-from minipeft.course.checks.lesson00 import (check_count_parameters, check_encoder_formula, check_training_memory,
-                                      encoder_terms)
+from minipeft.course.checks.lesson00 import (MAX_TRAINABLE_CASES, _fits, check_count_parameters, check_encoder_formula,
+                                             check_max_trainable, check_training_memory, encoder_terms,
+                                             reference_max_trainable)
 from minipeft.lab.train import count_parameters, training_state_bytes
+from checking import assert_passes, assert_rejects, assert_unfilled_stops
 
 
 def formula(cfg, drop=None, extra=0):
@@ -13,11 +17,8 @@ def formula(cfg, drop=None, extra=0):
 
 
 def test_references_pass(capsys):
-    check_count_parameters(count_parameters)
-    check_encoder_formula(formula)
-    check_training_memory(training_state_bytes)
-    out = capsys.readouterr().out
-    assert out.count("✔") == 3
+    assert_passes(capsys, (check_count_parameters, count_parameters), (check_encoder_formula, formula),
+                  (check_training_memory, training_state_bytes))
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -27,8 +28,7 @@ def test_references_pass(capsys):
     (lambda m, trainable_only=False: float(count_parameters(m, trainable_only)), "return an integer count"),
 ])
 def test_count_parameters_rejects(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_count_parameters(wrong)
+    assert_rejects(check_count_parameters, wrong, message=message)
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -40,8 +40,7 @@ def test_count_parameters_rejects(wrong, message):
     (lambda cfg: 12 * cfg.num_layers * cfg.hidden_size ** 2, "numel says"),  # the rule of thumb 12·L·d²
 ])
 def test_encoder_formula_rejects(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_encoder_formula(wrong)
+    assert_rejects(check_encoder_formula, wrong, message=message)
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -51,14 +50,12 @@ def test_encoder_formula_rejects(wrong, message):
     (lambda n, t, bytes_per_value=4: n + 3 * t, "multiply by bytes_per_value"),
 ])
 def test_training_memory_rejects(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_training_memory(wrong)
+    assert_rejects(check_training_memory, wrong, message=message)
 
 
 def test_encoder_formula_pooler_hint_says_it_does_not_belong():
-    with pytest.raises(AssertionError) as info:
-        check_encoder_formula(lambda cfg: formula(cfg, extra=cfg.hidden_size ** 2 + cfg.hidden_size))
-    message = str(info.value)
+    message = assert_rejects(check_encoder_formula,
+                             lambda cfg: formula(cfg, extra=cfg.hidden_size ** 2 + cfg.hidden_size))
     assert "exactly a pooler" in message and "has no pooler" in message
     assert "leave it out?" not in message  # the old hint asked whether it was left out
 
@@ -70,38 +67,25 @@ def test_encoder_formula_pooler_hint_says_it_does_not_belong():
     (check_training_memory, lambda n, t, bytes_per_value=4: bytes_per_value * (n + 3 * t) / 1),
 ])
 def test_counts_must_be_ints_not_floats(check, wrong):
-    with pytest.raises(AssertionError, match="return an integer count \\(int\\), not a float; use // not /"):
-        check(wrong)
+    assert_rejects(check, wrong, message="return an integer count \\(int\\), not a float; use // not /")
 
 
 def test_fallback_hints_do_not_give_the_answer():
-    with pytest.raises(AssertionError) as info:
-        check_training_memory(lambda n, t, bytes_per_value=4: bytes_per_value * (n + 3 * t) + 1)
-    assert "3·N_trainable" not in str(info.value) and "AdamW's m and v" in str(info.value)
-    with pytest.raises(AssertionError) as info:
-        check_count_parameters(lambda m, trainable_only=False: count_parameters(m, trainable_only) + 1)
-    assert "sum(p.numel()" not in str(info.value)
+    message = assert_rejects(check_training_memory,
+                             lambda n, t, bytes_per_value=4: bytes_per_value * (n + 3 * t) + 1)
+    assert "3·N_trainable" not in message and "AdamW's m and v" in message
+    message = assert_rejects(check_count_parameters,
+                             lambda m, trainable_only=False: count_parameters(m, trainable_only) + 1)
+    assert "sum(p.numel()" not in message
 
 
 def test_unfilled_exercise_raises_not_implemented_and_crashes_are_explained():
-    def unfilled(*args, **kwargs):
-        raise NotImplementedError("Exercise: write your solution here")
-
-    for check in (check_count_parameters, check_encoder_formula, check_training_memory):
-        with pytest.raises(NotImplementedError):
-            check(unfilled)
-    with pytest.raises(AssertionError, match="raised ZeroDivisionError"):
-        check_training_memory(lambda n, t, bytes_per_value=4: 1 / 0)
-    with pytest.raises(AssertionError, match="expected a function"):
-        check_count_parameters(nn.Linear(2, 2).weight)
+    assert_unfilled_stops(check_count_parameters, check_encoder_formula, check_training_memory, check_max_trainable)
+    assert_rejects(check_training_memory, lambda n, t, bytes_per_value=4: 1 / 0, message="raised ZeroDivisionError")
+    assert_rejects(check_count_parameters, nn.Linear(2, 2).weight, message="expected a function")
 
 
 # ---- max_trainable ----------------------------------------------------------------------------------------
-
-import math
-
-from minipeft.course.checks.lesson00 import MAX_TRAINABLE_CASES, _fits, check_max_trainable, reference_max_trainable
-
 
 def right_max_trainable(total, ratio):
     return int((ratio - 1) * total // 3)
@@ -115,8 +99,7 @@ def test_max_trainable_reference_is_the_largest_that_fits():
 
 
 def test_max_trainable_accepts_the_answer(capsys):
-    check_max_trainable(right_max_trainable)
-    assert "✔ max_trainable" in capsys.readouterr().out
+    assert "✔ max_trainable" in assert_passes(capsys, (check_max_trainable, right_max_trainable))
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -128,13 +111,5 @@ def test_max_trainable_accepts_the_answer(capsys):
     (lambda N, q: (q - 1) * N / 3, "integer"),
 ])
 def test_max_trainable_rejects(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_max_trainable(wrong)
+    assert_rejects(check_max_trainable, wrong, message=message)
 
-
-def test_max_trainable_unfilled_raises_not_implemented():
-    def unfilled(*args):
-        raise NotImplementedError("Exercise: ...")
-
-    with pytest.raises(NotImplementedError):
-        check_max_trainable(unfilled)

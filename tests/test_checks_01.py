@@ -3,9 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minipeft.course.checks.lesson01 import (check_adapter_forward, check_adapter_parameters, check_placement_parameters,
-                                      reference_forward)
+from minipeft.course.checks.lesson01 import (BUDGET_CASES, _count, check_adapter_forward, check_adapter_parameters,
+                                             check_largest_bottleneck, check_placement_parameters, reference_forward,
+                                             reference_largest_bottleneck)
 from minipeft.methods.bottleneck import houlsby_count, pfeiffer_count
+from checking import assert_passes, assert_rejects, assert_unfilled_stops
 
 
 def right(h, Wd, bd, Wu, bu, act):
@@ -13,10 +15,8 @@ def right(h, Wd, bd, Wu, bu, act):
 
 
 def test_references_pass(capsys):
-    check_adapter_forward(right)
-    check_adapter_parameters(lambda d, m: 2 * m * d + d + m)
-    check_placement_parameters(houlsby_count, pfeiffer_count)
-    assert capsys.readouterr().out.count("✔") == 3
+    assert_passes(capsys, (check_adapter_forward, right), (check_adapter_parameters, lambda d, m: 2 * m * d + d + m),
+                  (check_placement_parameters, houlsby_count, pfeiffer_count))
 
 
 def test_reference_is_the_package_module():
@@ -40,8 +40,7 @@ def test_reference_is_the_package_module():
     (lambda h, Wd, bd, Wu, bu, act: right(h, Wd, bd, Wu, bu, act).tolist(), "should return a tensor"),
 ])
 def test_forward_rejects(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_adapter_forward(wrong)
+    assert_rejects(check_adapter_forward, wrong, message=message)
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -52,8 +51,7 @@ def test_forward_rejects(wrong, message):
     (lambda d, m: float(2 * m * d + d + m), "return an integer count \\(int\\), not a float"),
 ])
 def test_adapter_parameters_rejects(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_adapter_parameters(wrong)
+    assert_rejects(check_adapter_parameters, wrong, message=message)
 
 
 @pytest.mark.parametrize("houlsby, pfeiffer, message", [
@@ -63,39 +61,26 @@ def test_adapter_parameters_rejects(wrong, message):
     (lambda d, L, m: 2 * L * 2 * m * d, pfeiffer_count, "biases .* are missing"),
 ])
 def test_placement_parameters_rejects(houlsby, pfeiffer, message):
-    with pytest.raises(AssertionError, match=message):
-        check_placement_parameters(houlsby, pfeiffer)
+    assert_rejects(check_placement_parameters, houlsby, pfeiffer, message=message)
 
 
 def test_placement_float_says_use_floor_division():
-    with pytest.raises(AssertionError, match="pfeiffer .*use // not /"):
-        check_placement_parameters(houlsby_count, lambda d, L, m: houlsby_count(d, L, m) / 2)
+    assert_rejects(check_placement_parameters, houlsby_count, lambda d, L, m: houlsby_count(d, L, m) / 2,
+                   message="pfeiffer .*use // not /")
 
 
 def test_nan_output_is_named_not_shown_as_max_error_nan():
-    with pytest.raises(AssertionError) as info:
-        check_adapter_forward(lambda h, Wd, bd, Wu, bu, act: right(h, Wd, bd, Wu, bu, act) / (h - h))
-    assert "nan or inf" in str(info.value) and "max error nan" not in str(info.value)
+    message = assert_rejects(check_adapter_forward,
+                             lambda h, Wd, bd, Wu, bu, act: right(h, Wd, bd, Wu, bu, act) / (h - h))
+    assert "nan or inf" in message and "max error nan" not in message
 
 
 def test_unfilled_exercise_raises_not_implemented():
-    def unfilled(*args, **kwargs):
-        raise NotImplementedError("Exercise: write your solution here")
-
-    with pytest.raises(NotImplementedError):
-        check_adapter_forward(unfilled)
-    with pytest.raises(NotImplementedError):
-        check_adapter_parameters(unfilled)
-    with pytest.raises(NotImplementedError):
-        check_placement_parameters(unfilled, pfeiffer_count)
+    assert_unfilled_stops(check_adapter_forward, check_adapter_parameters, check_largest_bottleneck,
+                          lambda houlsby: check_placement_parameters(houlsby, pfeiffer_count))
 
 
 # ---- largest_bottleneck --------------------------------------------------------------------------------------
-
-from minipeft.course.checks.lesson01 import (BUDGET_CASES, _count, check_largest_bottleneck,
-                                      reference_largest_bottleneck)
-from minipeft.methods.bottleneck import houlsby_count, pfeiffer_count
-
 
 def right_largest(d, L, budget, placement):
     adapters = L * (2 if placement == "houlsby" else 1)
@@ -112,8 +97,7 @@ def test_largest_bottleneck_reference_agrees_with_the_package_counts():
 
 
 def test_largest_bottleneck_accepts_the_answer(capsys):
-    check_largest_bottleneck(right_largest)
-    assert "✔ largest_bottleneck" in capsys.readouterr().out
+    assert "✔ largest_bottleneck" in assert_passes(capsys, (check_largest_bottleneck, right_largest))
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -124,13 +108,4 @@ def test_largest_bottleneck_accepts_the_answer(capsys):
     (lambda d, L, B, p: float(right_largest(d, L, B, p)), "integer"),
 ])
 def test_largest_bottleneck_rejects(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_largest_bottleneck(wrong)
-
-
-def test_largest_bottleneck_unfilled_raises_not_implemented():
-    def unfilled(*args):
-        raise NotImplementedError("Exercise: ...")
-
-    with pytest.raises(NotImplementedError):
-        check_largest_bottleneck(unfilled)
+    assert_rejects(check_largest_bottleneck, wrong, message=message)

@@ -2,8 +2,11 @@
 import pytest
 import torch
 
-from minipeft.course.checks.lesson02 import (CASES, check_lora_forward, check_lora_parameters, check_merge, reference_forward,
-                                      reference_merge)
+from minipeft.course.checks.lesson02 import (CASES, RANK_CASES, check_lora_forward, check_lora_parameters, check_merge,
+                                             check_rank_for_budget, reference_forward, reference_merge,
+                                             reference_rank_for_budget)
+from minipeft.methods.lora import lora_count
+from checking import assert_passes, assert_rejects, assert_unfilled_stops
 
 
 def right_forward(x, W0, b, A, B, alpha, r):
@@ -15,10 +18,8 @@ def right_merge(W0, A, B, alpha, r):
 
 
 def test_references_pass(capsys):
-    check_lora_forward(right_forward)
-    check_merge(right_merge)
-    check_lora_parameters(lambda d, L, r, n: L * n * r * 2 * d)
-    assert capsys.readouterr().out.count("✔") == 3
+    assert_passes(capsys, (check_lora_forward, right_forward), (check_merge, right_merge),
+                  (check_lora_parameters, lambda d, L, r, n: L * n * r * 2 * d))
 
 
 def test_references_are_the_package_module():
@@ -44,8 +45,7 @@ def test_references_are_the_package_module():
     (lambda x, W0, b, A, B, a, r: right_forward(x, W0, b, A, B, a, r).tolist(), "should return a tensor"),
 ])
 def test_forward_rejects(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_lora_forward(wrong)
+    assert_rejects(check_lora_forward, wrong, message=message)
 
 
 def in_place(W0, A, B, alpha, r):
@@ -65,8 +65,7 @@ def in_place(W0, A, B, alpha, r):
     (lambda W0, A, B, a, r: 1.01 * right_merge(W0, A, B, a, r), "wrong merged weight"),
 ])
 def test_merge_rejects(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_merge(wrong)
+    assert_rejects(check_merge, wrong, message=message)
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -78,8 +77,7 @@ def test_merge_rejects(wrong, message):
     (lambda d, L, r, n: float(L * n * r * 2 * d), "return an integer count \\(int\\), not a float"),
 ])
 def test_parameters_rejects(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_lora_parameters(wrong)
+    assert_rejects(check_lora_parameters, wrong, message=message)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -93,28 +91,17 @@ def test_cases_tell_the_scale_mistakes_apart(case):
 
 
 def test_messages_name_the_mistake_without_giving_the_code():
-    with pytest.raises(AssertionError) as info:
-        check_lora_forward(lambda x, W0, b, A, B, a, r: 1.01 * right_forward(x, W0, b, A, B, a, r))
-    assert "x @ A.T @ B.T" not in str(info.value)
-    with pytest.raises(AssertionError) as info:
-        check_merge(lambda W0, A, B, a, r: 1.01 * right_merge(W0, A, B, a, r))
-    assert "(alpha / r) * (B @ A)" not in str(info.value)
+    assert "x @ A.T @ B.T" not in assert_rejects(
+        check_lora_forward, lambda x, W0, b, A, B, a, r: 1.01 * right_forward(x, W0, b, A, B, a, r))
+    assert "(alpha / r) * (B @ A)" not in assert_rejects(
+        check_merge, lambda W0, A, B, a, r: 1.01 * right_merge(W0, A, B, a, r))
 
 
 def test_unfilled_exercise_raises_not_implemented():
-    def unfilled(*args, **kwargs):
-        raise NotImplementedError("Exercise: write your solution here")
-
-    for check in (check_lora_forward, check_merge, check_lora_parameters):
-        with pytest.raises(NotImplementedError):
-            check(unfilled)
+    assert_unfilled_stops(check_lora_forward, check_merge, check_lora_parameters, check_rank_for_budget)
 
 
 # ---- rank_for_budget -----------------------------------------------------------------------------------------
-
-from minipeft.course.checks.lesson02 import RANK_CASES, check_rank_for_budget, reference_rank_for_budget
-from minipeft.methods.lora import lora_count
-
 
 def right_rank(d, L, n, budget):
     return budget // (L * n * 2 * d)
@@ -129,8 +116,7 @@ def test_rank_for_budget_reference_is_the_largest_that_fits():
 
 
 def test_rank_for_budget_accepts_the_answer(capsys):
-    check_rank_for_budget(right_rank)
-    assert "✔ rank_for_budget" in capsys.readouterr().out
+    assert "✔ rank_for_budget" in assert_passes(capsys, (check_rank_for_budget, right_rank))
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -142,13 +128,4 @@ def test_rank_for_budget_accepts_the_answer(capsys):
     (lambda d, L, n, B: B / (L * n * 2 * d), "integer"),
 ])
 def test_rank_for_budget_rejects(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_rank_for_budget(wrong)
-
-
-def test_rank_for_budget_unfilled_raises_not_implemented():
-    def unfilled(*args):
-        raise NotImplementedError("Exercise: ...")
-
-    with pytest.raises(NotImplementedError):
-        check_rank_for_budget(unfilled)
+    assert_rejects(check_rank_for_budget, wrong, message=message)

@@ -2,8 +2,11 @@
 import pytest
 import torch
 
-from minipeft.course.checks.lesson03 import check_compacter_count, check_kron_sum, check_low_rank_B
+from minipeft.course.checks.lesson03 import (BEST_N_CASES, check_best_n, check_compacter_count, check_kron_sum,
+                                             check_low_rank_B, phm_weights, reference_best_n)
 from minipeft.methods.compacter import compacter_count, paper_compacter_count, paper_phm_adapter_count
+from minipeft.methods.phm import PHMLinear
+from checking import assert_passes, assert_rejects, assert_unfilled_stops
 
 
 def kron_sum_right(A, B):
@@ -11,9 +14,8 @@ def kron_sum_right(A, B):
 
 
 def test_kron_sum_accepts_the_loop_and_einsum(capsys):
-    check_kron_sum(kron_sum_right)
-    check_kron_sum(lambda A, B: torch.einsum("iac,ibe->abce", A, B).reshape(A.shape[0] * B.shape[1], -1))
-    assert "✔ kron_sum" in capsys.readouterr().out
+    assert "✔ kron_sum" in assert_passes(capsys, (check_kron_sum, kron_sum_right), (
+        check_kron_sum, lambda A, B: torch.einsum("iac,ibe->abce", A, B).reshape(A.shape[0] * B.shape[1], -1)))
 
 
 @pytest.mark.parametrize("wrong,message", [
@@ -31,22 +33,16 @@ def test_kron_sum_accepts_the_loop_and_einsum(capsys):
     (lambda A, B: sum(torch.kron(A[:, i].contiguous(), B[i]) for i in range(A.shape[0])), "wrong axis of A"),
     (lambda A, B: kron_sum_right(A, B) + 1, "check the order")])
 def test_kron_sum_rejects(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_kron_sum(wrong)
+    assert_rejects(check_kron_sum, wrong, message=message)
 
 
 def test_unfilled_exercise_raises_not_implemented():
-    def todo(*args):
-        raise NotImplementedError("Exercise")
-    for check in (check_kron_sum, check_low_rank_B, check_compacter_count):
-        with pytest.raises(NotImplementedError):
-            check(todo)
+    assert_unfilled_stops(check_kron_sum, check_low_rank_B, check_compacter_count, check_best_n)
 
 
 def test_low_rank_B_accepts(capsys):
-    check_low_rank_B(lambda s, t: s @ t.transpose(-1, -2))
-    check_low_rank_B(lambda s, t: torch.einsum("ipr,iqr->ipq", s, t))
-    assert "✔ low_rank_B" in capsys.readouterr().out
+    assert "✔ low_rank_B" in assert_passes(capsys, (check_low_rank_B, lambda s, t: s @ t.transpose(-1, -2)),
+                                           (check_low_rank_B, lambda s, t: torch.einsum("ipr,iqr->ipq", s, t)))
 
 
 @pytest.mark.parametrize("wrong,message", [
@@ -60,32 +56,27 @@ def test_low_rank_B_accepts(capsys):
     (lambda s, t: s.sum(-1), "returned shape"),
     (lambda s, t: s @ t.transpose(-1, -2) + 1, "B_i = s_i t_iᵀ: for each i")])
 def test_low_rank_B_rejects(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_low_rank_B(wrong)
+    assert_rejects(check_low_rank_B, wrong, message=message)
 
 
-def test_compacter_count_accepts_and_rejects(capsys):
-    check_compacter_count(compacter_count)
-    assert "57,088" in capsys.readouterr().out
-    with pytest.raises(AssertionError, match=r"the biases .* did you leave it out"):
-        check_compacter_count(paper_compacter_count)  # the paper's count has no biases
-    with pytest.raises(AssertionError, match=r"the shared A \(n³, stored once\).*leave it out"):
-        check_compacter_count(lambda d, L, k, n: compacter_count(d, L, k, n) - n ** 3)
-    with pytest.raises(AssertionError, match="one copy of A per PHM layer"):
-        check_compacter_count(lambda d, L, k, n: compacter_count(d, L, k, n) + 4 * L * n ** 3 - n ** 3)
-    with pytest.raises(AssertionError, match="one of the two adapters per layer"):
-        check_compacter_count(lambda d, L, k, n: compacter_count(d, L, k, n, sites=1))
-    with pytest.raises(AssertionError, match="return an integer count \\(int\\), not a float; use // not /"):
-        check_compacter_count(lambda d, L, k, n: float(compacter_count(d, L, k, n)))  # n·(d/n + k/n) is a float
-    with pytest.raises(AssertionError, match="PHM-Adapter's count"):
-        check_compacter_count(lambda d, L, k, n: paper_phm_adapter_count(d, L, k, n) + 2 * L * (k + d))
+def test_compacter_count_accepts(capsys):
+    assert "57,088" in assert_passes(capsys, (check_compacter_count, compacter_count))
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (paper_compacter_count, r"the biases .* did you leave it out"),  # the paper's count has no biases
+    (lambda d, L, k, n: compacter_count(d, L, k, n) - n ** 3, r"the shared A \(n³, stored once\).*leave it out"),
+    (lambda d, L, k, n: compacter_count(d, L, k, n) + 4 * L * n ** 3 - n ** 3, "one copy of A per PHM layer"),
+    (lambda d, L, k, n: compacter_count(d, L, k, n, sites=1), "one of the two adapters per layer"),
+    (lambda d, L, k, n: float(compacter_count(d, L, k, n)),  # n·(d/n + k/n) is a float
+     "return an integer count \\(int\\), not a float; use // not /"),
+    (lambda d, L, k, n: paper_phm_adapter_count(d, L, k, n) + 2 * L * (k + d), "PHM-Adapter's count"),
+])
+def test_compacter_count_rejects(wrong, message):
+    assert_rejects(check_compacter_count, wrong, message=message)
 
 
 # ---- best_n ------------------------------------------------------------------------------------------------
-
-from minipeft.course.checks.lesson03 import BEST_N_CASES, check_best_n, phm_weights, reference_best_n
-from minipeft.methods.phm import PHMLinear
-
 
 def right_best_n(d, k):
     allowed = [n for n in range(1, min(d, k) + 1) if d % n == 0 and k % n == 0]
@@ -101,8 +92,7 @@ def test_best_n_reference():
 
 
 def test_best_n_accepts_the_answer(capsys):
-    check_best_n(right_best_n)
-    assert "✔ best_n" in capsys.readouterr().out
+    assert "✔ best_n" in assert_passes(capsys, (check_best_n, right_best_n))
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -113,13 +103,4 @@ def test_best_n_accepts_the_answer(capsys):
     (lambda d, k: float(right_best_n(d, k)), "integer"),
 ])
 def test_best_n_rejects(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_best_n(wrong)
-
-
-def test_best_n_unfilled_raises_not_implemented():
-    def unfilled(*args):
-        raise NotImplementedError("Exercise: ...")
-
-    with pytest.raises(NotImplementedError):
-        check_best_n(unfilled)
+    assert_rejects(check_best_n, wrong, message=message)

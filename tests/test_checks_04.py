@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minipeft.course.checks.lesson04 import check_parallel_delta, check_parallel_module
+from minipeft.course.checks.lesson04 import (_residual_cases, check_affine_residual, check_parallel_delta,
+                                             check_parallel_module, reference_affine_residual)
+from checking import assert_passes, assert_rejects, assert_unfilled_stops
 
 
 def reference_delta(x, h, down, up, s):
@@ -44,9 +46,7 @@ def make_module(read_h=False, scale_in_forward=True, zero_up=True, kaiming=True,
 
 
 def test_references_pass(capsys):
-    check_parallel_delta(reference_delta)
-    check_parallel_module(make_module())
-    assert capsys.readouterr().out.count("✔") == 2
+    assert_passes(capsys, (check_parallel_delta, reference_delta), (check_parallel_module, make_module()))
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -65,8 +65,7 @@ def test_references_pass(capsys):
     (lambda x, h, down, up, s: s * up(x), "raised RuntimeError.*call them on a tensor"),
 ])
 def test_parallel_delta_rejects(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_parallel_delta(wrong)
+    assert_rejects(check_parallel_delta, wrong, message=message)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -80,8 +79,7 @@ def test_parallel_delta_rejects(wrong, message):
     (dict(detached=True), "the scale is detached: no gradient reaches s"),
 ])
 def test_parallel_module_rejects(kwargs, message):
-    with pytest.raises(AssertionError, match=message):
-        check_parallel_module(make_module(**kwargs))
+    assert_rejects(check_parallel_module, make_module(**kwargs), message=message)
 
 
 def test_parallel_module_learned_scale_is_used_in_the_forward():
@@ -89,33 +87,22 @@ def test_parallel_module_learned_scale_is_used_in_the_forward():
         def forward(self, x, h, norm):
             return self.up(F.relu(self.down(x))) * (1.0 if isinstance(self.scale, nn.Parameter) else self.scale)
 
-    with pytest.raises(AssertionError, match="scale='learned' \\(s = 1.7\\)"):
-        check_parallel_module(FixedOnly)
+    assert_rejects(check_parallel_module, FixedOnly, message="scale='learned' \\(s = 1.7\\)")
 
 
 def test_unfilled_exercise_raises_not_implemented_and_crashes_are_explained():
-    def unfilled(*args, **kwargs):
-        raise NotImplementedError("Exercise: write your solution here")
-
-    for check in (check_parallel_delta, check_parallel_module):
-        with pytest.raises(NotImplementedError):
-            check(unfilled)
-    with pytest.raises(AssertionError, match="raised ZeroDivisionError"):
-        check_parallel_delta(lambda *a: 1 / 0)
+    assert_unfilled_stops(check_parallel_delta, check_parallel_module, check_affine_residual)
+    assert_rejects(check_parallel_delta, lambda *a: 1 / 0, message="raised ZeroDivisionError")
     class FloatScale(make_module()):  # float("learned") raises
         def __init__(self, adapter_name, d, r, scale):
             super().__init__(adapter_name, d, r, float(scale))
 
-    with pytest.raises(AssertionError, match='raised ValueError.*scale="learned" is not a number'):
-        check_parallel_module(FloatScale)
-    with pytest.raises(AssertionError, match="needs self.down"):
-        check_parallel_module(lambda *a: nn.Identity())
+    assert_rejects(check_parallel_module, FloatScale,
+                   message='raised ValueError.*scale="learned" is not a number')
+    assert_rejects(check_parallel_module, lambda *a: nn.Identity(), message="needs self.down")
 
 
 # ---- affine_residual -----------------------------------------------------------------------------------------
-
-from minipeft.course.checks.lesson04 import _residual_cases, check_affine_residual, reference_affine_residual
-
 
 def right_residual(X, Y):
     X1 = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], dim=1)
@@ -131,8 +118,7 @@ def test_affine_residual_reference():
 
 
 def test_affine_residual_accepts_the_answer(capsys):
-    check_affine_residual(right_residual)
-    assert "✔ affine_residual" in capsys.readouterr().out
+    assert "✔ affine_residual" in assert_passes(capsys, (check_affine_residual, right_residual))
 
 
 def no_bias(X, Y):
@@ -147,13 +133,4 @@ def no_bias(X, Y):
     (lambda X, Y: "small", "a number"),
 ])
 def test_affine_residual_rejects(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_affine_residual(wrong)
-
-
-def test_affine_residual_unfilled_raises_not_implemented():
-    def unfilled(*args):
-        raise NotImplementedError("Exercise: ...")
-
-    with pytest.raises(NotImplementedError):
-        check_affine_residual(unfilled)
+    assert_rejects(check_affine_residual, wrong, message=message)

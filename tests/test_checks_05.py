@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minipeft.course.checks.lesson05 import check_prefix_attention
+from minipeft.course.checks.lesson05 import check_prefix_attention, check_prefix_gate, reference_gate
+from checking import assert_passes, assert_rejects, assert_unfilled_stops
 
 
 def split(t, H):  # (B, T, d) -> (B, H, T, d_h)
@@ -46,12 +47,11 @@ def manual(softmax_dim=-1, scale="d_h", inverted=False):
 
 
 def test_right_answer_passes(capsys):
-    check_prefix_attention(make())
-    assert "✔ prefix_attention" in capsys.readouterr().out
+    assert "✔ prefix_attention" in assert_passes(capsys, (check_prefix_attention, make()))
 
 
-def test_manual_softmax_answer_passes():
-    check_prefix_attention(manual())
+def test_manual_softmax_answer_passes(capsys):
+    assert_passes(capsys, (check_prefix_attention, manual()))
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -71,8 +71,7 @@ def test_manual_softmax_answer_passes():
     (manual(scale="d"), "divided by √d: the scale is 1/√d_h"),
 ])
 def test_rejects_plausible_mistakes(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_prefix_attention(wrong)
+    assert_rejects(check_prefix_attention, wrong, message=message)
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -81,9 +80,7 @@ def test_rejects_plausible_mistakes(wrong, message):
     (lambda q, k, v, pk, pv, m, H: make()(q, k, v, pk, pv, m, H) * float("nan"), "softmax over scores that are all"),
 ])
 def test_nan_output_names_the_likely_mistake(wrong, message):
-    with pytest.raises(AssertionError, match=message) as info:
-        check_prefix_attention(wrong)
-    assert "max error nan" not in str(info.value)
+    assert "max error nan" not in assert_rejects(check_prefix_attention, wrong, message=message)
 
 
 def test_wrong_axis_of_equal_size_is_rejected():
@@ -95,25 +92,16 @@ def test_wrong_axis_of_equal_size_is_rejected():
         V = split(v + pv.sum(1, keepdim=True), num_heads)
         m = None if key_mask is None else key_mask[:, None, None, :]
         return F.scaled_dot_product_attention(split(q, num_heads), K, V, attn_mask=m).transpose(1, 2).flatten(2)
-    with pytest.raises(AssertionError, match="wrong output"):
-        check_prefix_attention(feature_axis)
+    assert_rejects(check_prefix_attention, feature_axis, message="wrong output")
 
 
 def test_unfilled_and_not_a_function():
-    def unfilled(*args):
-        raise NotImplementedError("Exercise: write your solution here")
-    with pytest.raises(NotImplementedError):
-        check_prefix_attention(unfilled)
-    with pytest.raises(AssertionError, match="expected a function"):
-        check_prefix_attention(torch.zeros(2))
-    with pytest.raises(AssertionError, match="should return a tensor"):
-        check_prefix_attention(lambda *a: 0)
+    assert_unfilled_stops(check_prefix_attention, check_prefix_gate)
+    assert_rejects(check_prefix_attention, torch.zeros(2), message="expected a function")
+    assert_rejects(check_prefix_attention, lambda *a: 0, message="should return a tensor")
 
 
 # ---- prefix_gate ---------------------------------------------------------------------------------------------
-
-from minipeft.course.checks.lesson05 import check_prefix_gate, reference_gate
-
 
 def right_gate(q, k, prefix_k, key_mask, num_heads):
     # He et al. 2022, Eq. 7 via logsumexp: λ = sigmoid(lse(prefix scores) − lse(real scores))
@@ -127,8 +115,7 @@ def right_gate(q, k, prefix_k, key_mask, num_heads):
 
 
 def test_prefix_gate_accepts_the_answer(capsys):
-    check_prefix_gate(right_gate)
-    assert "✔ prefix_gate" in capsys.readouterr().out
+    assert "✔ prefix_gate" in assert_passes(capsys, (check_prefix_gate, right_gate))
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -140,13 +127,4 @@ def test_prefix_gate_accepts_the_answer(capsys):
     (lambda q, k, p, m, H: right_gate(q, k, p, m, H).tolist(), "should return a tensor"),
 ])
 def test_prefix_gate_rejects(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_prefix_gate(wrong)
-
-
-def test_prefix_gate_unfilled_raises_not_implemented():
-    def unfilled(*args):
-        raise NotImplementedError("Exercise: ...")
-
-    with pytest.raises(NotImplementedError):
-        check_prefix_gate(unfilled)
+    assert_rejects(check_prefix_gate, wrong, message=message)

@@ -1,22 +1,18 @@
 """Lesson 06's checks accept UniPELT's gated sum done right (the solution notebook's own code) and reject the plausible
 mistakes with a message that names them; the unfilled exercise stops with NotImplementedError."""
-import nbformat
 import pytest
 import torch
 
 from minipeft.course.checks.lesson06 import check_gated_model, check_gated_sum
-from minipeft.course.exercises import ROOT
+from checking import assert_passes, assert_rejects, assert_unfilled_stops
+from helpers import notebook_functions
 
 NAME = "06_unified_view_and_mam.ipynb"
 
 
-def function_from(folder: str, name: str = "gated_sum"):
+def function_from(folder: str):
     """The ``gated_sum`` defined in a notebook of ``folder`` (solutions/ or exercises/), executed alone."""
-    nb = nbformat.read(ROOT / folder / NAME, as_version=4)
-    source = next(c.source for c in nb.cells if c.cell_type == "code" and f"def {name}(" in c.source)
-    namespace = {}
-    exec("import torch\nimport torch.nn.functional as F\n" + source, namespace)  # noqa: S102
-    return namespace[name]
+    return notebook_functions(NAME, folder, ["gated_sum"], "import torch\nimport torch.nn.functional as F")["gated_sum"]
 
 
 def make(gate="sigmoid", read="x", combine="per_part", bias="inside", keep_axis=True, detach=False):
@@ -77,23 +73,18 @@ def with_items(x, h, deltas, weights, biases):
 
 def test_the_solution_passes(capsys):
     fn = function_from("solutions")
-    check_gated_sum(fn)
-    check_gated_model(fn)
-    out = capsys.readouterr().out
+    out = assert_passes(capsys, (check_gated_sum, fn), (check_gated_model, fn))
     assert "✔ gated_sum:" in out and "✔ gated_sum in a model:" in out
 
 
-def test_other_right_answers_pass():
-    check_gated_sum(make())
-    check_gated_sum(lambda x, h, ds, w, b: sum(torch.sigmoid(x @ w[k] + b[k]).unsqueeze(-1) * ds[k]
-                                                for k in range(len(ds))))
-    check_gated_model(make())
+def test_other_right_answers_pass(capsys):
+    assert_passes(capsys, (check_gated_sum, make()), (check_gated_model, make()), (
+        check_gated_sum, lambda x, h, ds, w, b: sum(torch.sigmoid(x @ w[k] + b[k]).unsqueeze(-1) * ds[k]
+                                                    for k in range(len(ds)))))
 
 
 def test_the_unfilled_exercise_stops_with_not_implemented():
-    fn = function_from("exercises")
-    with pytest.raises(NotImplementedError):
-        check_gated_sum(fn)
+    assert_unfilled_stops(check_gated_sum, exercise=function_from("exercises"))
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -117,30 +108,23 @@ def test_the_unfilled_exercise_stops_with_not_implemented():
     (lambda x, h, ds, w, b: 2 * make()(x, h, ds, w, b), "max error"),
 ])
 def test_rejects_plausible_mistakes(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_gated_sum(wrong)
+    assert_rejects(check_gated_sum, wrong, message=message)
 
 
 def test_messages_are_never_a_bare_error():
     """A shape error names the gate's missing axis; nan says where it comes from."""
-    with pytest.raises(AssertionError) as info:
-        check_gated_sum(make(keep_axis=False))
-    assert "RuntimeError" in str(info.value) and "one number per token" in str(info.value)
-    with pytest.raises(AssertionError, match="nan or inf") as info:
-        check_gated_sum(lambda x, h, ds, w, b: make()(x, h, ds, w, b) * float("nan"))
-    assert "max error nan" not in str(info.value)
+    message = assert_rejects(check_gated_sum, make(keep_axis=False))
+    assert "RuntimeError" in message and "one number per token" in message
+    assert "max error nan" not in assert_rejects(
+        check_gated_sum, lambda x, h, ds, w, b: make()(x, h, ds, w, b) * float("nan"), message="nan or inf")
 
 
 def test_not_a_function_and_wrong_types():
-    with pytest.raises(AssertionError, match="expected a function"):
-        check_gated_sum(torch.zeros(2))
-    with pytest.raises(AssertionError, match="should return a tensor"):
-        check_gated_sum(lambda *a: 0)
-    with pytest.raises(AssertionError, match="return one tensor"):
-        check_gated_sum(lambda x, h, ds, w, b: [torch.sigmoid(x @ w[k] + b[k])[..., None] * ds[k]
-                                                for k in range(len(ds))])
+    assert_rejects(check_gated_sum, torch.zeros(2), message="expected a function")
+    assert_rejects(check_gated_sum, lambda *a: 0, message="should return a tensor")
+    assert_rejects(check_gated_sum, lambda x, h, ds, w, b: [torch.sigmoid(x @ w[k] + b[k])[..., None] * ds[k]
+                                                            for k in range(len(ds))], message="return one tensor")
 
 
 def test_model_check_rejects_a_wrong_gate():
-    with pytest.raises(AssertionError, match="differs from the one with minipeft's gates"):
-        check_gated_model(make(read="h"))
+    assert_rejects(check_gated_model, make(read="h"), message="differs from the one with minipeft's gates")

@@ -8,6 +8,7 @@ import torch
 
 from minipeft.course.checks.lesson07 import (check_fuse, check_fusion_in_model, check_fusion_parameters,
                                       check_fusion_scores, check_gap_from_average, check_key_bias_shift)
+from checking import assert_passes, assert_rejects, assert_unfilled_stops
 from helpers import notebook_functions
 
 NAME = "07_adapterfusion.ipynb"
@@ -119,36 +120,31 @@ def delta(query="u", out="o", fuse=SOLUTION["fuse"]):
 # ---- the tests -----------------------------------------------------------------------------------------------
 
 def test_the_solution_passes(capsys):
-    check_fusion_scores(SOLUTION["fusion_scores"])
-    check_fuse(SOLUTION["fuse"])
-    check_fusion_in_model(SOLUTION["fusion_delta"])
-    check_key_bias_shift(SOLUTION["key_bias_shift"])
-    check_gap_from_average(SOLUTION["gap_from_average"])
-    check_fusion_parameters(SOLUTION["fusion_parameters"])
-    out = capsys.readouterr().out
+    out = assert_passes(capsys, (check_fusion_scores, SOLUTION["fusion_scores"]), (check_fuse, SOLUTION["fuse"]),
+                        (check_fusion_in_model, SOLUTION["fusion_delta"]),
+                        (check_key_bias_shift, SOLUTION["key_bias_shift"]),
+                        (check_gap_from_average, SOLUTION["gap_from_average"]),
+                        (check_fusion_parameters, SOLUTION["fusion_parameters"]))
     for name in ("fusion_scores", "fuse", "fusion_delta in MiniLM", "key_bias_shift", "gap_from_average",
                  "fusion_parameters"):
         assert f"✔ {name}:" in out
 
 
-def test_other_right_answers_pass():
-    check_fusion_scores(scores_einsum)
-    check_fusion_scores(scores())
-    check_fusion_scores(scores_without_b_K)  # right: the softmax cannot see b_K (section 3 of the exercise)
-    check_fuse(fuse_V_after)
-    check_fuse(fuse_loop)
-    check_fuse(fuse_with())
-    check_key_bias_shift(lambda u, Q, b_Q, b_K: torch.einsum("btd,d->bt", u @ Q + b_Q, b_K))
-    check_gap_from_average(lambda *a: (fuse_loop(*a) - a[1].mean(2)).abs().max())  # a 0-dim tensor is fine
-    check_fusion_parameters(lambda d, L, N: 3 * L * d * d + 2 * L * d)
+def test_other_right_answers_pass(capsys):
+    assert_passes(capsys, (check_fusion_scores, scores_einsum), (check_fusion_scores, scores()),
+                  (check_fusion_scores, scores_without_b_K),  # right: the softmax cannot see b_K (section 3)
+                  (check_fuse, fuse_V_after), (check_fuse, fuse_loop), (check_fuse, fuse_with()),
+                  (check_key_bias_shift, lambda u, Q, b_Q, b_K: torch.einsum("btd,d->bt", u @ Q + b_Q, b_K)),
+                  (check_gap_from_average,  # a 0-dim tensor is fine
+                   lambda *a: (fuse_loop(*a) - a[1].mean(2)).abs().max()),
+                  (check_fusion_parameters, lambda d, L, N: 3 * L * d * d + 2 * L * d))
 
 
 def test_the_unfilled_exercise_stops_with_not_implemented():
     fns = functions_from("exercises")
     for check, f in ((check_fusion_scores, "fusion_scores"), (check_fuse, "fuse"),
                      (check_key_bias_shift, "key_bias_shift"), (check_fusion_parameters, "fusion_parameters")):
-        with pytest.raises(NotImplementedError):
-            check(fns[f])
+        assert_unfilled_stops(check, exercise=fns[f])
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -174,8 +170,7 @@ def test_the_unfilled_exercise_stops_with_not_implemented():
     (scores_naive_softmax, "nan or inf"),
 ])
 def test_scores_reject_plausible_mistakes(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_fusion_scores(wrong)
+    assert_rejects(check_fusion_scores, wrong, message=message)
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -191,8 +186,7 @@ def test_scores_reject_plausible_mistakes(wrong, message):
     (lambda *a: 2 * fuse_with()(*a), "max error"),
 ])
 def test_fuse_rejects_plausible_mistakes(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_fuse(wrong)
+    assert_rejects(check_fuse, wrong, message=message)
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -205,8 +199,7 @@ def test_fuse_rejects_plausible_mistakes(wrong, message):
     (delta(fuse=fuse_with(value="none")), "V is missing"),
 ])
 def test_model_check_rejects_a_wrong_site(wrong, message):
-    with pytest.raises(AssertionError, match=f"fusion_delta in MiniLM: wrong output \\(layer 0.*{message}"):
-        check_fusion_in_model(wrong)
+    assert_rejects(check_fusion_in_model, wrong, message=f"fusion_delta in MiniLM: wrong output \\(layer 0.*{message}")
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -219,8 +212,7 @@ def test_model_check_rejects_a_wrong_site(wrong, message):
     (lambda u, Q, b_Q, b_K: (u @ Q + b_Q) * b_K, "keep the dot product's sum"),
 ])
 def test_key_bias_shift_rejects_plausible_mistakes(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_key_bias_shift(wrong)
+    assert_rejects(check_key_bias_shift, wrong, message=message)
 
 
 def _weights_gap(u, z, Q, b_Q, K, b_K, V):
@@ -237,8 +229,7 @@ def _weights_gap(u, z, Q, b_Q, K, b_K, V):
     (lambda *a: (fuse_loop(*a) - a[1].mean(2)).abs(), "return one number"),
 ])
 def test_gap_rejects_plausible_mistakes(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_gap_from_average(wrong)
+    assert_rejects(check_gap_from_average, wrong, message=message)
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -253,18 +244,13 @@ def test_gap_rejects_plausible_mistakes(wrong, message):
     (lambda d, L, N: L * (3 * d * d + 2 * d) + 1, "Per layer: Q and K"),
 ])
 def test_count_rejects_plausible_mistakes(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_fusion_parameters(wrong)
+    assert_rejects(check_fusion_parameters, wrong, message=message)
 
 
 def test_not_a_function_and_wrong_types():
     for check in (check_fusion_scores, check_fuse, check_fusion_in_model, check_key_bias_shift,
                   check_gap_from_average):
-        with pytest.raises(AssertionError, match="expected a function"):
-            check(torch.zeros(2))
-    with pytest.raises(AssertionError, match="should return a tensor"):
-        check_fusion_scores(lambda *a: 0)
-    with pytest.raises(AssertionError, match="return one tensor"):
-        check_fuse(lambda u, z, *a: [u, u])
-    with pytest.raises(AssertionError, match="should return a number"):
-        check_gap_from_average(lambda *a: "small")
+        assert_rejects(check, torch.zeros(2), message="expected a function")
+    assert_rejects(check_fusion_scores, lambda *a: 0, message="should return a tensor")
+    assert_rejects(check_fuse, lambda u, z, *a: [u, u], message="return one tensor")
+    assert_rejects(check_gap_from_average, lambda *a: "small", message="should return a number")

@@ -3,25 +3,21 @@ mistake with a message that names it, and the unfilled exercise stops with NotIm
 import math
 from statistics import NormalDist
 
-import nbformat
 import numpy as np
 import pytest
 
 from minipeft.course.checks.lesson08 import (check_discordant_rate, check_examples_needed, check_mcnemar_p,
-                                      check_training_state_mb)
-from minipeft.course.exercises import ROOT
+                                             check_training_state_mb)
+from checking import assert_passes, assert_rejects, assert_unfilled_stops
+from helpers import notebook_functions
 
 NAME = "08_comparison.ipynb"
-PRELUDE = "import math\nimport numpy as np\nfrom statistics import NormalDist\n"
+PRELUDE = "import math\nimport numpy as np\nfrom statistics import NormalDist"
 
 
 def function_from(folder: str, name: str):
     """The function ``name`` defined in a notebook of ``folder`` (solutions/ or exercises/), executed alone."""
-    nb = nbformat.read(ROOT / folder / NAME, as_version=4)
-    source = next(c.source for c in nb.cells if c.cell_type == "code" and f"def {name}(" in c.source)
-    namespace = {}
-    exec(PRELUDE + source, namespace)  # noqa: S102
-    return namespace[name]
+    return notebook_functions(NAME, folder, [name], PRELUDE)[name]
 
 
 CHECKS = {"mcnemar_p": check_mcnemar_p, "training_state_mb": check_training_state_mb,
@@ -30,14 +26,12 @@ CHECKS = {"mcnemar_p": check_mcnemar_p, "training_state_mb": check_training_stat
 
 @pytest.mark.parametrize("name", CHECKS)
 def test_the_solution_passes(name, capsys):
-    CHECKS[name](function_from("solutions", name))
-    assert f"✔ {name}:" in capsys.readouterr().out
+    assert f"✔ {name}:" in assert_passes(capsys, (CHECKS[name], function_from("solutions", name)))
 
 
 @pytest.mark.parametrize("name", CHECKS)
 def test_the_unfilled_exercise_stops_with_not_implemented(name):
-    with pytest.raises(NotImplementedError):
-        CHECKS[name](function_from("exercises", name))
+    assert_unfilled_stops(CHECKS[name], exercise=function_from("exercises", name))
 
 
 # ---- 1. McNemar -------------------------------------------------------------------------------------------------
@@ -97,9 +91,9 @@ def first_seed(a, b):
     return mcnemar()(np.atleast_2d(a)[0], np.atleast_2d(b)[0])
 
 
-def test_other_right_answers_pass():
-    check_mcnemar_p(lambda a, b: mcnemar()(b, a))  # b and c swapped: the test is symmetric
-    check_mcnemar_p(lambda a, b: np.float64(mcnemar()(a, b)))
+def test_other_right_answers_pass(capsys):
+    assert_passes(capsys, (check_mcnemar_p, lambda a, b: mcnemar()(b, a)),  # b and c swapped: the test is symmetric
+                  (check_mcnemar_p, lambda a, b: np.float64(mcnemar()(a, b))))
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -120,8 +114,7 @@ def test_other_right_answers_pass():
     (lambda a, b: 0.5, "Count b = #\\(A right, B wrong\\)"),
 ])
 def test_mcnemar_rejects_plausible_mistakes(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_mcnemar_p(wrong)
+    assert_rejects(check_mcnemar_p, wrong, message=message)
 
 
 def test_mcnemar_says_what_p_is_without_discordant_pairs():
@@ -133,10 +126,8 @@ def test_mcnemar_says_what_p_is_without_discordant_pairs():
     def zero(a, b):
         return mcnemar()(a, b) if sum(counts(a, b)) else 0.0
 
-    with pytest.raises(AssertionError, match="ZeroDivisionError.*never discordant \\(b \\+ c = 0\\)"):
-        check_mcnemar_p(unguarded)
-    with pytest.raises(AssertionError, match="nothing tells them apart, so p = 1"):
-        check_mcnemar_p(zero)
+    assert_rejects(check_mcnemar_p, unguarded, message="ZeroDivisionError.*never discordant \\(b \\+ c = 0\\)")
+    assert_rejects(check_mcnemar_p, zero, message="nothing tells them apart, so p = 1")
 
 
 def test_the_small_case_tells_exact_from_approximate():
@@ -166,12 +157,11 @@ def test_the_small_case_tells_exact_from_approximate():
     (lambda n, t: 4 * (n + 3 * t) / 2**20 + 1, "divide the bytes by 2\\^20"),
 ])
 def test_memory_rejects_plausible_mistakes(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_training_state_mb(wrong)
+    assert_rejects(check_training_state_mb, wrong, message=message)
 
 
-def test_memory_other_right_answers_pass():
-    check_training_state_mb(lambda n, t: (4 * n + 4 * t + 8 * t) / 1024 / 1024)
+def test_memory_other_right_answers_pass(capsys):
+    assert_passes(capsys, (check_training_state_mb, lambda n, t: (4 * n + 4 * t + 8 * t) / 1024 / 1024))
 
 
 # ---- 3. examples needed -----------------------------------------------------------------------------------------
@@ -197,17 +187,16 @@ def needed(kind="right"):
     return fn
 
 
-def test_needed_other_right_answers_pass():
-    check_examples_needed(needed())
-    check_examples_needed(lambda q, d, alpha=0.05, power=0.8: math.ceil(needed()(q, d, alpha, power)))
-    # Connor (1987): the variance under the alternative is q − δ² (within 1% here)
-    check_examples_needed(lambda q, d, alpha=0.05, power=0.8:
-                          (z(1 - alpha / 2) * math.sqrt(q) + z(power) * math.sqrt(q - d * d)) ** 2 / d**2)
+def test_needed_other_right_answers_pass(capsys):
+    assert_passes(capsys, (check_examples_needed, needed()), (
+        check_examples_needed, lambda q, d, alpha=0.05, power=0.8: math.ceil(needed()(q, d, alpha, power))), (
+        # Connor (1987): the variance under the alternative is q − δ² (within 1% here)
+        check_examples_needed, lambda q, d, alpha=0.05, power=0.8:
+        (z(1 - alpha / 2) * math.sqrt(q) + z(power) * math.sqrt(q - d * d)) ** 2 / d**2))
 
 
 def test_needed_rounded_z_passes_with_default_arguments_only():
-    with pytest.raises(AssertionError, match="whatever alpha and power are"):
-        check_examples_needed(needed("rounded"))
+    assert_rejects(check_examples_needed, needed("rounded"), message="whatever alpha and power are")
 
 
 @pytest.mark.parametrize("kind, message", [
@@ -223,13 +212,12 @@ def test_needed_rounded_z_passes_with_default_arguments_only():
     ("doubled", "two independent samples"),
 ])
 def test_needed_rejects_plausible_mistakes(kind, message):
-    with pytest.raises(AssertionError, match=message):
-        check_examples_needed(needed(kind))
+    assert_rejects(check_examples_needed, needed(kind), message=message)
 
 
 def test_needed_says_how_it_is_called():
-    with pytest.raises(AssertionError, match="TypeError.*alpha=..., power=..."):
-        check_examples_needed(lambda q, delta: needed()(q, delta))
+    assert_rejects(check_examples_needed, lambda q, delta: needed()(q, delta),
+                   message="TypeError.*alpha=..., power=...")
 
 
 # ---- the discordant rate ----------------------------------------------------------------------------------------
@@ -250,9 +238,8 @@ def right(p, y):
      "only the first seed"),
 ])
 def test_discordant_rejects_plausible_mistakes(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_discordant_rate(wrong)
+    assert_rejects(check_discordant_rate, wrong, message=message)
 
 
-def test_discordant_other_right_answers_pass():
-    check_discordant_rate(lambda a, b, y: np.mean(np.logical_xor(right(a, y), right(b, y))))
+def test_discordant_other_right_answers_pass(capsys):
+    assert_passes(capsys, (check_discordant_rate, lambda a, b, y: np.mean(np.logical_xor(right(a, y), right(b, y)))))

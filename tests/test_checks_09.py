@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minipeft.course.checks.lesson09 import (MISTAKES, check_cached_attention, check_cached_decoding, check_kv_cache_numbers,
-                                      check_rope, mistaken_attention)
+from minipeft.course.checks.lesson09 import (MISTAKES, check_cached_attention, check_cached_decoding,
+                                             check_kv_cache_numbers, check_rope, mistaken_attention)
+from checking import assert_passes, assert_rejects, assert_unfilled_stops
 from helpers import notebook_functions
 
 NAME = "09_generation.ipynb"
@@ -23,11 +24,9 @@ SOLUTION = functions_from("solutions")
 
 
 def test_the_solution_passes(capsys):
-    check_rope(SOLUTION["rope"])
-    check_cached_attention(SOLUTION["cached_attention"])
-    check_cached_decoding(SOLUTION["cached_attention"])
-    check_kv_cache_numbers(SOLUTION["kv_cache_numbers"])
-    assert capsys.readouterr().out.count("✔") == 4
+    assert_passes(capsys, (check_rope, SOLUTION["rope"]), (check_cached_attention, SOLUTION["cached_attention"]),
+                  (check_cached_decoding, SOLUTION["cached_attention"]),
+                  (check_kv_cache_numbers, SOLUTION["kv_cache_numbers"]))
 
 
 def attention_with_sdpa(attn, x, cache, prefix, theta):
@@ -49,28 +48,29 @@ def attention_with_sdpa(attn, x, cache, prefix, theta):
     return attn.o(a.transpose(1, 2).flatten(2))
 
 
-def test_another_right_answer_passes():
-    check_cached_attention(attention_with_sdpa)
+def test_another_right_answer_passes(capsys):
+    assert_passes(capsys, (check_cached_attention, attention_with_sdpa))
 
 
 def test_the_unfilled_exercise_stops_with_not_implemented():
     fns = functions_from("exercises")
     for check, f in ((check_rope, "rope"), (check_cached_attention, "cached_attention"),
                      (check_kv_cache_numbers, "kv_cache_numbers")):
-        with pytest.raises(NotImplementedError):
-            check(fns[f])
+        assert_unfilled_stops(check, exercise=fns[f])
 
 
 @pytest.mark.parametrize("mistake", list(MISTAKES))
 def test_attention_mistakes_are_named(mistake):
-    with pytest.raises(AssertionError, match="✘ cached_attention") as e:
-        check_cached_attention(lambda a, x, c, p, t: mistaken_attention(a, x, c, p, t, mistake))
-    assert MISTAKES[mistake][:40] in str(e.value)
+    message = assert_rejects(check_cached_attention,
+                             lambda a, x, c, p, t: mistaken_attention(a, x, c, p, t, mistake),
+                             message="✘ cached_attention")
+    assert MISTAKES[mistake][:40] in message
 
 
 def test_the_model_check_fails_on_a_wrong_attention():
-    with pytest.raises(AssertionError, match="check_cached_attention finds the mistake"):
-        check_cached_decoding(lambda a, x, c, p, t: mistaken_attention(a, x, c, p, t, "heads shared wrongly"))
+    assert_rejects(check_cached_decoding,
+                   lambda a, x, c, p, t: mistaken_attention(a, x, c, p, t, "heads shared wrongly"),
+                   message="check_cached_attention finds the mistake")
 
 
 def rope_adjacent(x, positions, theta):
@@ -97,8 +97,7 @@ def rope_exponent(x, positions, theta):
     (lambda x, p, t: x, "differs from the decoder's RoPE"),
 ])
 def test_rope_mistakes_are_named(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_rope(wrong)
+    assert_rejects(check_rope, wrong, message=message)
 
 
 @pytest.mark.parametrize("wrong, message", [
@@ -108,8 +107,7 @@ def test_rope_mistakes_are_named(wrong, message):
     (lambda L, H_kv, d_h, l, S: 2.0 * L * H_kv * d_h * (l + S), "not a float"),
 ])
 def test_count_mistakes_are_named(wrong, message):
-    with pytest.raises(AssertionError, match=message):
-        check_kv_cache_numbers(wrong)
+    assert_rejects(check_kv_cache_numbers, wrong, message=message)
 
 
 def test_nearest_mistake_is_far_above_the_tolerance():
