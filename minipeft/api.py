@@ -220,6 +220,8 @@ def parameter_summary(model: nn.Module, name: str) -> ParameterSummary:
     head = getattr(model, "head", None)
     in_head = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
     backbone = sum(p.numel() for p in model.parameters() if id(p) not in in_adapters | in_head)
+    # weights held in 4 bits (minipeft.quant.Linear4bit) are buffers, yet parameters of the backbone
+    backbone += sum(m.quantized_numel() for m in model.modules() if callable(getattr(m, "quantized_numel", None)))
     per_layer: dict[str, int] = {}
     seen: set[int] = set()  # a parameter shared by several modules (Compacter's A_i) counts once, where first met
     for path, module in modules.items():

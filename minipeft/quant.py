@@ -58,6 +58,7 @@ def dynamic_map() -> torch.Tensor:
 
 NF4 = nf4_levels()
 DYNAMIC = dynamic_map()
+NF4_PAIRS = torch.stack([NF4.repeat_interleave(16), NF4.repeat(16)], dim=1)  # (256, 2): byte -> (q_high, q_low)
 
 
 def block_absmax(flat: torch.Tensor, size: int) -> torch.Tensor:
@@ -114,7 +115,7 @@ def quantize_nf4(weight: torch.Tensor, double_quant: bool = True, size: int = BL
     """
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or not weight.numel():
         raise ValueError(f"NF4 quantizes a non-empty floating-point tensor, got {getattr(weight, 'dtype', weight)!r}")
-    if not bool(torch.isfinite(weight).all()):
+    if not weight.is_meta and not bool(torch.isfinite(weight).all()):  # meta: shapes only (parameter counting)
         raise ValueError("NF4 cannot quantize a tensor with inf or NaN values (the block's absmax would be one)")
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise ValueError(f"the block size must be a positive integer (QLoRA uses 64), got {size!r}")
@@ -144,10 +145,12 @@ def dequantize_nf4(state: dict[str, torch.Tensor], shape, size: int = BLOCK) -> 
     else:  # c₁ = dequant(c₂ codes) + mean, in fp32 (as bitsandbytes)
         absmax = dequantize_blockwise(state["absmax_codes"], state["absmax_scale"], DYNAMIC, BLOCK2)
         absmax = absmax + state["absmax_offset"]
-    packed = state["codes"]
-    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)  # (2⌈n/2⌉,), back in value order
     n = torch.Size(shape).numel()
-    return dequantize_blockwise(nibbles[:n], absmax, NF4, size).view(shape)
+    # each byte -> its two levels at once (high nibble first): one gather of n/2 rows instead of unpacking nibbles
+    values = NF4_PAIRS.to(absmax.device)[state["codes"].long()].view(-1)[:n]  # (n,) = q_code, in value order
+    if n % size == 0:  # whole blocks: w = q_code · c in place, blockwise (the common case: every weight matrix here)
+        return values.view(-1, size).mul_(absmax[:, None]).view(shape)
+    return (F.pad(values, (0, -n % size)).view(-1, size) * absmax[:, None]).view(-1)[:n].view(shape)
 
 
 def nf4_nbytes(n: int, double_quant: bool = True, size: int = BLOCK) -> int:
@@ -157,6 +160,25 @@ def nf4_nbytes(n: int, double_quant: bool = True, size: int = BLOCK) -> int:
     n_blocks = -(-n // size)
     constants = 4 * n_blocks if not double_quant else n_blocks + 4 * -(-n_blocks // BLOCK2) + 4
     return -(-n // 2) + constants
+
+
+class DequantizedLinear(torch.autograd.Function):
+    """y = x Wᵀ + b with W = doubleDequant(...) rebuilt in the backward too (∂L/∂x = ∂L/∂y · W), never saved for it.
+
+    Plain autograd would keep each layer's dequantized fp32 W (4 bytes per weight) alive from forward to backward,
+    undoing the 4-bit storage during training; QLoRA's implementation (bitsandbytes' ``MatMul4Bit``) dequantizes
+    again instead: only the 4-bit state, stored anyway, is kept. W is frozen: no gradient for it."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer):
+        ctx.layer = layer
+        return F.linear(x, layer.weight, bias)  # (..., d_out)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: ∂L/∂y, (..., d_out)
+        grad_x = grad @ ctx.layer.weight if ctx.needs_input_grad[0] else None  # (..., d_in)
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None  # (d_out,)
+        return grad_x, grad_bias, None
 
 
 class Linear4bit(nn.Linear):
@@ -200,7 +222,13 @@ class Linear4bit(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # y = x · doubleDequant(c₁, c₂, W^NF4)ᵀ + b  (QLoRA Eq. 5), in fp32
-        return F.linear(x, self.weight, self.bias)  # (..., d_out)
+        if not torch.is_grad_enabled() or not (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            return F.linear(x, self.weight, self.bias)  # (..., d_out)
+        return DequantizedLinear.apply(x, self.bias, self)
+
+    def quantized_numel(self) -> int:
+        """Weights this layer holds in 4 bits: parameters of the backbone, though stored as buffers."""
+        return self.in_features * self.out_features
 
     def nbytes(self) -> int:
         """Bytes of the stored weight (codes and constants; the bias not counted)."""

@@ -10,8 +10,9 @@ import torch
 
 from minipeft import LoRAConfig, add_adapter, merge_adapter, train_adapter
 from minipeft import quant as Q
+from minipeft.core import EXAMPLES
 from minipeft.backbones.decoder import Decoder, DecoderConfig
-from helpers import EXAMPLES, assert_unchanged, padded_tokens, perturb, structure
+from helpers import assert_unchanged, padded_tokens, perturb, structure
 
 # every method's example configs, as the conformance suite's (fusion's read source adapters: covered there)
 CONFIGS = {f"{method}-{label}": ex.config for method, labels in EXAMPLES.items() for label, ex in labels.items()
@@ -275,3 +276,68 @@ def test_merging_into_4_bits_is_refused_then_merges_after_dequantizing(qlora, to
         assert torch.equal(logits(qlora, tokens), unmerged)
         merge_adapter(qlora, "a")
         assert relative_gap(logits(qlora, tokens), unmerged, tokens) < 1e-5
+
+
+def lora_grads(model, batch):
+    train_adapter(model, "a")
+    model.train()
+    logits(model, batch)[batch["attention_mask"].bool()].logsumexp(-1).mean().backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_qlora_gradients_equal_lora_on_the_dequantized_decoder(qlora, tokens):
+    """The 4-bit backward (W dequantized again, ∂L/∂x = ∂L/∂y · W) gives LoRA the gradients plain autograd gives
+    on the fp32 decoder holding the same weights. Same matmuls in the same order: equal up to fp32 rounding of
+    differently blocked kernels (relative 1e-5, far below TOL)."""
+    reference = Q.dequantize_linears(copy.deepcopy(qlora))
+    ours, ref = lora_grads(qlora, tokens), lora_grads(reference, tokens)
+    assert ours.keys() == ref.keys() and len(ours) == 2 * len(LINEARS) * SMALL.num_layers
+    for name in ours:
+        scale = float(ref[name].abs().max())
+        assert scale > 0 and float((ours[name] - ref[name]).abs().max()) <= 1e-5 * scale, name
+
+
+def test_backward_keeps_no_dequantized_weight(qlora, tokens):
+    """What autograd saves for the backward holds no (d_out, d_in) fp32 weight: the 4-bit state is all that stays
+    (QLoRA's memory saving during training; plain autograd would keep each dequantized W until the backward)."""
+    shapes = {(m.out_features, m.in_features) for m in qlora.modules() if isinstance(m, Q.Linear4bit)}
+    train_adapter(qlora, "a")
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        logits(qlora, tokens).sum().backward()
+    assert saved and not shapes & set(saved)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        logits(Q.dequantize_linears(qlora), tokens).sum()  # the check can fail: fp32 Linears save their W
+    assert shapes & set(saved)
+
+
+def test_4bit_linear_backward_with_a_trained_bias(minilm):
+    """Bias and input gradients through the 4-bit Linear equal those of F.linear on its dequantized weight."""
+    layer = Q.Linear4bit(copy.deepcopy(minilm.sites("ffn")[0].linears()["ffn_in"]))
+    layer.bias.requires_grad_(True)
+    weight, x = layer.weight, torch.randn(2, 5, 384)
+
+    def grads(forward):
+        x_ = x.clone().requires_grad_(True)
+        layer.bias.grad = None
+        (forward(x_) ** 2).sum().backward()
+        return x_.grad, layer.bias.grad
+
+    ours, ref = grads(layer), grads(lambda t: torch.nn.functional.linear(t, weight, layer.bias))
+    for a, b in zip(ours, ref):
+        assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+
+
+def test_qlora_recipe_trains_lora_on_every_block_linear(small):
+    """The registered recipe: NF4 linears, LoRA r=8 on all 7 of each block (Σ r(d_in + d_out)), only LoRA
+    trained; the parameter summary counts the 4-bit weights in the backbone."""
+    from minipeft.api import apply_recipe, parameter_summary
+    from minipeft.core import get_recipe
+
+    model = apply_recipe(small.requires_grad_(False), get_recipe("qlora"))
+    layers = [m for m in model.modules() if isinstance(m, Q.Linear4bit)]
+    assert len(layers) == len(LINEARS) * SMALL.num_layers
+    expected = sum(8 * (m.in_features + m.out_features) for m in layers)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+    summary = parameter_summary(model, "qlora")
+    assert summary.adapter == expected and summary.backbone == model.bare_parameter_count()
