@@ -54,6 +54,31 @@ def test_manual_softmax_answer_passes(capsys):
     assert_passes(capsys, (check_prefix_attention, manual()))
 
 
+def zero_padded_queries(answer):
+    """``answer`` with the rows of padded queries set to 0: the same at every real token, so right too."""
+    def fn(q, k, v, prefix_k, prefix_v, key_mask, num_heads):
+        out = answer(q, k, v, prefix_k, prefix_v, key_mask, num_heads)
+        return out if key_mask is None else out * key_mask[..., None]
+    return fn
+
+
+def test_zeroing_padded_queries_passes(capsys):
+    """Only real tokens are compared: what a padded query computes is never read (it used to be rejected with a
+    misleading "heads / scale / axis" message)."""
+    assert_passes(capsys, (check_prefix_attention, zero_padded_queries(make())),
+                  (check_prefix_gate,
+                   lambda q, k, p, m, H: right_gate(q, k, p, m, H) * (1 if m is None else m[:, None])))
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (zero_padded_queries(make(mask=None)), "the key mask was dropped"),  # still wrong where it matters
+    (zero_padded_queries(manual(scale="d")), "divided by √d"),
+    (lambda q, k, v, pk, pv, m, H: zero_padded_queries(make())(q, k, v, pk, pv, m, H) * float("nan"), "nan or inf"),
+])
+def test_zeroed_padding_does_not_hide_a_mistake(wrong, message):
+    assert_rejects(check_prefix_attention, wrong, message=message)
+
+
 @pytest.mark.parametrize("wrong, message", [
     (make(mask=None), "the key mask was dropped. Extend it"),
     (make(mask="end"), "prefix columns are at the end"),

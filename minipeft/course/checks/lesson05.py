@@ -156,17 +156,22 @@ def check_prefix_attention(fn) -> None:
                         (B, T, H, d // H): "the heads were not merged back: merge the last two axes into d."}
                 fail(name, f"returned shape {tuple(got.shape)} ({where}), expected {(B, T, d)}: "
                      + hint.get(tuple(got.shape), "concatenate the prefix along the sequence axis, in front."))
-            if not torch.isfinite(got).all():
+            if not torch.isfinite(got).all():  # everywhere: a nan at a padded position reaches the next layer
                 fail(name, f"the output has nan or inf values ({where}): " + _nonfinite_hint(fn, q, k, v, pk, pv, H))
-            if torch.allclose(got, want, atol=1e-5):
+            # compared at real tokens only: what a padded query computes is never read (zeroing it is right too)
+            real = torch.ones(B, T, dtype=torch.bool) if key_mask is None else key_mask
+            if torch.allclose(got[real], want[real], atol=1e-5):
                 continue
             for mistake, out in wrong_answers(q, k, v, pk, pv, key_mask, H).items():
-                if torch.allclose(got, out, atol=1e-5) and not torch.allclose(out, want, atol=1e-5):
-                    fail(name, f"wrong output ({where}): {HINTS[mistake]}")
-            fail(name, f"wrong output ({where}): {max_error(got, want)}. Check the split into heads (B, H, T, d_h), "
+                if (torch.allclose(got[real], out[real], atol=1e-5)
+                        and not torch.allclose(out[real], want[real], atol=1e-5)):
+                    fail(name, f"wrong output at real tokens ({where}): {HINTS[mistake]}")
+            fail(name, f"wrong output at real tokens ({where}): {max_error(got[real], want[real])}. Check the split "
+                       "into heads (B, H, T, d_h), "
                        "the scale 1/√d_h, and that prefix_k / prefix_v are concatenated in front of k / v along the "
                        "sequence axis (a wrong axis of the same size runs but mixes features or heads).")
-    passed(name, "matches minipeft's Attention with a prefix on 4 cases (padding, l = T, l > T, no mask)")
+    passed(name, "matches minipeft's Attention with a prefix at every real token, on 4 cases (padding, l = T, "
+           "l > T, no mask)")
 
 
 # ---- He et al.'s gate: the share of attention on the prefix ----------------------------------------------------
@@ -203,7 +208,9 @@ def check_prefix_gate(fn) -> None:
         if tuple(got.shape) != (B, H, T):
             fail(name, f"returned shape {tuple(got.shape)} ({where}), expected (B, H, T) = {(B, H, T)}: one λ per "
                  "query and head" + ("; sum over the prefix keys (the last axis)." if got.dim() == 4 else "."))
-        if torch.allclose(got, want, atol=1e-5):
+        real = torch.ones(B, T, dtype=torch.bool) if key_mask is None else key_mask
+        at_real = lambda lam: lam.transpose(1, 2)[real]  # noqa: E731  (λ of the real queries; padded ones unread)
+        if torch.allclose(at_real(got), at_real(want), atol=1e-5):
             continue
         mistakes = {"1 − λ: that is the share of the real tokens; λ is the share of the prefix":
                     1 - want,
@@ -212,11 +219,12 @@ def check_prefix_gate(fn) -> None:
                     "the scores are not scaled: divide q·k by √d_h, as the attention does":
                     reference_gate(q, k, pk, key_mask, H, scale=1.0)}
         for hint, wrong in mistakes.items():
-            if torch.allclose(got, wrong, atol=1e-5) and not torch.allclose(wrong, want, atol=1e-5):
+            if (torch.allclose(at_real(got), at_real(wrong), atol=1e-5)
+                    and not torch.allclose(at_real(wrong), at_real(want), atol=1e-5)):
                 fail(name, f"wrong λ ({where}): {hint}.")
         if ((got < -1e-6) | (got > 1 + 1e-6)).any():
             fail(name, f"λ outside [0, 1] ({where}): it is a share of a softmax; is the softmax over the keys (last "
                        "axis) and the sum over the prefix columns only?")
-        fail(name, f"wrong λ ({where}): {max_error(got, want)}. λ is the softmax mass on the first l key columns "
+        fail(name, f"wrong λ ({where}): {max_error(at_real(got), at_real(want))}. λ is the softmax mass on the first l key columns "
                    "when the softmax runs over all l + T keys.")
     passed(name, "λ = the prefix's share of each query's attention, per head (padding, l = T, l > T, no mask)")
