@@ -3,6 +3,7 @@
     placement_figure(["houlsby", "lora", "prefix"])   one post-LN (BERT) layer per row, the method in colour
     binomial_halfwidth(acc, n)                         half-width of a 95% interval for one accuracy on n examples
     errorbar_accuracy(ax, xs, accs, n)                 accuracies with those intervals as error bars
+    method_colour("lora r=8")                          the one colour of a method in every plot of the course
 
 What the drawings show, with their sources:
 
@@ -37,6 +38,28 @@ TITLES = {
     "prefix": "prefix tuning (Li & Liang 2021): l trained keys/values in front of K and V, in every layer",
     "after_layer": "a common code sketch: one adapter after the whole layer (not Houlsby's or Pfeiffer's place)",
 }
+
+
+# one colour per method in every plot of the course (matplotlib's tab20 and named colours); a lesson's variant of a
+# method ("lora r=8", "houlsby k=24", "compacter lr=0.01") takes its method's colour unless it is listed itself
+METHOD_COLOURS = {
+    "full": "black", "head": "tab:gray", "zero-shot": "tab:gray",
+    "houlsby": "tab:blue", "pfeiffer": "tab:cyan", "sequential_pfeiffer": "tab:cyan",
+    "lora": "tab:orange", "lora r=1": "#ffbb78", "adapter_lora": "#c49c94",
+    "phm_adapter": "#aec7e8", "compacter": "tab:purple", "compacter_pp": "#c5b0d5",
+    "parallel": "tab:green", "parallel_s1": "tab:green", "scaled_parallel": "tab:olive", "scaled_s4": "tab:olive",
+    "scaled_learned": "tab:brown", "sequential_ffn": "#17becf", "parallel_attn": "#98df8a",
+    "prefix": "tab:red", "flat": "#ff9896", "prefix flat": "#ff9896", "mam": "tab:pink", "fusion": "#8c564b",
+}
+
+
+def method_colour(name: str) -> str:
+    """The colour of ``name`` in every plot: its own entry of ``METHOD_COLOURS``, else its method's (the name's first
+    word: "lora r=8" -> lora), else a neutral dark grey."""
+    for key in (name, name.split()[0] if name.split() else name, name.split("_")[0]):
+        if key in METHOD_COLOURS:
+            return METHOD_COLOURS[key]
+    return "#444444"
 
 
 def binomial_halfwidth(acc: float, n: int, z: float = 1.96) -> float:
@@ -184,14 +207,21 @@ def accuracy_text(result) -> str:
     return f"{result.test_acc:.3f} ± {binomial_halfwidth(result.test_acc, n):.3f}"
 
 
+MIN_SEEDS = 3  # seeds per side before a paired difference gets a verdict (the course's rule)
+
+
 def paired_text(a, b, labels) -> str:
     """A against B on the same test examples (``minipeft.lab.stats.compare``): the accuracy difference in points with
     its 95% paired-bootstrap interval, the exact McNemar p, and the verdict ("better" / "within noise" / "worse").
-    ``a`` and ``b`` are a Result or a list of Results (seeds, paired in order); ``labels`` the test labels."""
+    ``a`` and ``b`` are a Result or a list of Results (seeds, paired in order); ``labels`` the test labels.
+    A verdict needs ``MIN_SEEDS`` seeds on each side (one seed's difference can be the seed's luck, which a test on
+    one seed's test examples does not see): with fewer it reads "1 seed: no verdict"."""
     from ..lab.stats import compare, correctness
 
     a, b = (x if isinstance(x, (list, tuple)) else [x] for x in (a, b))
     y = list(labels)[:len(a[0].test_predictions)]
     c = compare(correctness([r.test_predictions for r in a], y), correctness([r.test_predictions for r in b], y))
+    seeds = min(len(a), len(b))
+    verdict = c.verdict if seeds >= MIN_SEEDS else f"{seeds} seed{'s' * (seeds > 1)}: no verdict"
     return (f"{100 * c.difference:+.1f} points [{100 * c.low:+.1f}, {100 * c.high:+.1f}], McNemar p = "
-            f"{c.p_mcnemar:.2g}: {c.verdict}")
+            f"{c.p_mcnemar:.2g}: {verdict}")
