@@ -8,6 +8,7 @@
 from . import methods  # noqa: F401  (registers every method's config)
 from .api import (activate, add_adapter, adapter_names, deactivate, delete_adapter, for_inference,  # noqa: F401
                   load_adapter, parameter_summary, save_adapter, set_active, train_adapter)
+from .backbones.contract import per_example  # noqa: F401
 from .backbones.encoder import Encoder, EncoderConfig  # noqa: F401
 from .generation import Generation, generate  # noqa: F401
 from .interop import TransformersBackbone, export_peft, import_peft  # noqa: F401

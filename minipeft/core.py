@@ -22,7 +22,7 @@ from typing import Callable, ClassVar
 
 from torch import nn
 
-from .backbones.contract import ROLES, Backbone, find_backbone  # noqa: F401  (re-exported for methods)
+from .backbones.contract import ROLES, ROUTES, Backbone, find_backbone, routed_rows  # noqa: F401  (re-exported)
 
 
 class AdapterModule(nn.Module):
@@ -35,6 +35,10 @@ class AdapterModule(nn.Module):
     def on_delete(self) -> None:
         """Called by ``delete_adapter`` just before removal: undo what the module changed outside itself
         (a merged LoRA takes its ΔW back out of the base weight). Default: nothing."""
+
+    def not_per_example(self) -> str:
+        """Why this module cannot be computed for some examples of a batch only (``per_example``); "" = it can."""
+        return ""
 
     def stored_parameter_count(self) -> int:
         """Parameters that must be saved for inference (methods with a training-only part override it)."""
@@ -270,11 +274,17 @@ def _output_delta_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     A module may return None: nothing to add (a merged LoRA, whose ΔW is already in the weight)."""
     x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
     h = output[0] if isinstance(output, tuple) else output
+    routes = ROUTES.get()
     for delta in module.output_deltas.values():
-        if delta.active:
-            dh = delta(x, h, None)
+        if routes is None:
+            if delta.active:
+                dh = delta(x, h, None)
+                if dh is not None:
+                    h = h + dh
+        elif (rows := routed_rows(routes, delta, h.shape[0])) is not None:  # per_example: its rows only
+            dh = delta(x[rows], h[rows], None)
             if dh is not None:
-                h = h + dh
+                h = h.index_add(0, rows, dh)
     return (h, *output[1:]) if isinstance(output, tuple) else h
 
 
@@ -299,3 +309,52 @@ def remove_output_delta(target: nn.Module, name: str) -> None:
                 del target._forward_hooks[key]
                 target._forward_hooks_with_kwargs.pop(key, None)
                 target._forward_hooks_always_called.pop(key, None)
+
+
+# ---- a site on any module's input (a method that rescales what a Linear reads: IA³'s l_ff) ----------------------
+
+def _input_delta_hook(module: nn.Module, args: tuple, kwargs: dict):
+    """x ← x + Δx for each active attached module, before ``module`` runs on x, its first input (positional or the
+    first keyword); the other inputs pass unchanged. Each attached module is called as ``delta(x)`` and returns
+    Δx (None: nothing to add). Inside ``per_example``, a module changes the rows routed to its adapter only."""
+    if args:
+        x, rest, key = args[0], args[1:], None
+    else:
+        key = next(iter(kwargs))
+        x = kwargs[key]
+    routes = ROUTES.get()
+    for delta in module.input_deltas.values():
+        if routes is None:
+            if delta.active:
+                dx = delta(x)
+                if dx is not None:
+                    x = x + dx
+        elif (rows := routed_rows(routes, delta, x.shape[0])) is not None:  # per_example: its rows only
+            dx = delta(x[rows])
+            if dx is not None:
+                x = x.index_add(0, rows, dx)
+    return ((x, *rest), kwargs) if key is None else (args, {**kwargs, key: x})
+
+
+def add_input_delta(target: nn.Module, name: str, delta: AdapterModule) -> None:
+    """Make ``target``'s input a site: it reads x + delta(x) in place of x (a forward pre-hook), x its first
+    input. The input-side twin of ``add_output_delta``: a method that rescales what a Linear reads (IA³'s
+    l_ff ⊙ x = x + (l_ff − 1) ⊙ x) is a Δx here, so it can be switched off, deleted or routed per example."""
+    if isinstance(target, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        raise TypeError(f"cannot make a {type(target).__name__}'s input a site (a child module would become one "
+                        "of its layers); target its first layer instead")
+    if not hasattr(target, "input_deltas"):
+        target.input_deltas = nn.ModuleDict()
+        target.register_forward_pre_hook(_input_delta_hook, with_kwargs=True)
+    target.input_deltas[name] = delta
+
+
+def remove_input_delta(target: nn.Module, name: str) -> None:
+    """Detach ``name`` from ``target``'s input site; the last one out removes the site (container and pre-hook)."""
+    del target.input_deltas[name]
+    if not len(target.input_deltas):
+        del target.input_deltas
+        for key, hook in list(target._forward_pre_hooks.items()):
+            if hook is _input_delta_hook:
+                del target._forward_pre_hooks[key]
+                target._forward_pre_hooks_with_kwargs.pop(key, None)

@@ -19,13 +19,14 @@ in front of the prompt (``result.cache.layers[i].prefix_len``); a LoRA may be me
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from numbers import Integral, Real
 
 import torch
 from torch import nn
 
-from .backbones.contract import find_backbone
+from .backbones.contract import find_backbone, per_example
 
 
 @dataclass
@@ -42,13 +43,16 @@ class Generation:
 
 def generate(model: nn.Module, prompts, tokenizer=None, *, max_new_tokens: int = 32, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, eos_token_id=None,
-             stop_at_eos: bool = True, use_cache: bool = True, progress: bool = False) -> Generation:
+             stop_at_eos: bool = True, use_cache: bool = True, progress: bool = False,
+             adapter_names=None) -> Generation:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
     ``prompts``: a list of strings (with ``tokenizer``) or of token-id lists. ``do_sample``: draw from
     softmax(z/temperature) restricted to the top-p nucleus, with ``seed`` for a reproducible draw; else greedy.
     ``eos_token_id`` (int or list of ints; default: the tokenizer's, else the model config's) ends a prompt's
     continuation where it appears, unless ``stop_at_eos=False``. ``progress``: a tqdm bar over the steps.
+    ``adapter_names``: one adapter name (or "base") per prompt, each continued by its own adapter alone, in one
+    batch (``per_example``); None: the active adapters for every prompt.
     Bad input raises ValueError / TypeError before anything runs; the model is left as it was in every case
     (generation runs in eval mode without gradients, and the modules' train/eval flags are restored)."""
     backbone = decoder_backbone(model)
@@ -66,10 +70,14 @@ def generate(model: nn.Module, prompts, tokenizer=None, *, max_new_tokens: int =
                          "prompt tokens + max_new_tokens <= context (shorten the prompt or max_new_tokens)")
     eos = stop_tokens(eos_token_id, tokenizer, backbone.cfg) if stop_at_eos else set()
 
+    if adapter_names is not None and len(adapter_names) != len(prompt_ids):
+        raise ValueError(f"adapter_names names {len(adapter_names)} adapters for {len(prompt_ids)} prompts: give one "
+                         "per prompt")
+    routing = per_example(model, adapter_names) if adapter_names is not None else nullcontext()
     flags = [m.training for m in model.modules()]
     model.eval()  # e.g. no LoRA dropout while decoding
     try:
-        with torch.no_grad():
+        with torch.no_grad(), routing:
             tokens, stopped, cache = decode(backbone, prompt_ids, max_new_tokens, do_sample, temperature, top_p,
                                             seed, eos, use_cache, progress)
     finally:

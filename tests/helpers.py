@@ -92,7 +92,36 @@ def notebook_functions(name: str, folder: str, functions, prelude: str = "import
     return {f: namespace[f] for f in functions}
 
 
-# ---- the conformance suite: transformers twins of the backbones, for peft equality -------------------------
+# ---- the conformance suite: every registered method on every registered backbone ---------------------------
+
+def build(family):
+    """The family's tiny random backbone, seeded: two calls give the same weights."""
+    from minipeft.backbones import REGISTRY
+
+    torch.manual_seed(0)
+    entry = REGISTRY[family]
+    return entry.cls(entry.tiny()).eval()
+
+
+def tiny_batch(model):
+    """Random tokens padded to three lengths: on the right for an encoder, on the left for a decoder (a KV cache,
+    ``new_cache``), as generate pads its prompts."""
+    return padded_tokens(model.cfg, 10, (0, 4, 7), left=hasattr(model, "new_cache"))
+
+
+def with_sources(family, ex):
+    """The backbone with the trained (perturbed), frozen adapters the example reads (fusion), else bare."""
+    from minipeft import BottleneckConfig, add_adapter, freeze_adapters
+
+    model = build(family)
+    for i in range(ex.sources):
+        add_adapter(model, BottleneckConfig(placement="pfeiffer", bottleneck=8), f"s{i}")
+    if ex.sources:
+        perturb(model, seed=5)
+        freeze_adapters(model, *[f"s{i}" for i in range(ex.sources)])
+    return model
+
+
 
 def _hf_twins() -> dict:
     """Family -> (a tiny random transformers model of it, its output comparable to ours): for peft equality."""

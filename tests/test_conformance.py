@@ -12,48 +12,23 @@ import dataclasses
 import pytest
 import torch
 
-from minipeft import (add_adapter, delete_adapter, for_inference, freeze_adapters, load_adapter, parameter_summary,
+from minipeft import (add_adapter, delete_adapter, for_inference, load_adapter, parameter_summary,
                       save_adapter, set_active)
 from minipeft.backbones import REGISTRY
 from minipeft.core import EXAMPLES, METHODS, adapter_configs, adapter_modules
 from minipeft.methods.lora import LoRALinear
 from minipeft.methods.prefix import Prefix
-from helpers import HF_TWINS, TOL, assert_unchanged, gap, padded_tokens, perturb, run, structure
+from helpers import (HF_TWINS, TOL, assert_unchanged, build, gap, perturb, run, structure, tiny_batch,
+                     with_sources)
 
 CASES = [pytest.param(method, label, family, id=f"{method}-{label}-{family}")
          for method in METHODS for label in EXAMPLES.get(method, {"no example": None}) for family in REGISTRY]
-
-
-def build(family):
-    """The family's tiny random backbone, seeded: two calls give the same weights."""
-    torch.manual_seed(0)
-    entry = REGISTRY[family]
-    return entry.cls(entry.tiny()).eval()
-
-
-def tiny_batch(model):
-    """Random tokens padded to three lengths: on the right for an encoder, on the left for a decoder (a KV cache,
-    ``new_cache``), as generate pads its prompts."""
-    return padded_tokens(model.cfg, 10, (0, 4, 7), left=hasattr(model, "new_cache"))
 
 
 def example(method, label):
     if label not in EXAMPLES.get(method, {}):
         pytest.fail(f"method {method!r} is registered but has no example: register one in its file (core.register_example)")
     return EXAMPLES[method][label]
-
-
-def with_sources(family, ex):
-    """The backbone with the trained (perturbed), frozen adapters the example reads (fusion), else bare."""
-    from minipeft import BottleneckConfig
-
-    model = build(family)
-    for i in range(ex.sources):
-        add_adapter(model, BottleneckConfig(placement="pfeiffer", bottleneck=8), f"s{i}")
-    if ex.sources:
-        perturb(model, seed=5)
-        freeze_adapters(model, *[f"s{i}" for i in range(ex.sources)])
-    return model
 
 
 def assert_backward_reaches(model, batch):

@@ -27,6 +27,9 @@ follows the residual (AdapterHub's bottleneck layer uses ``hidden + residual`` i
 """
 from __future__ import annotations
 
+import contextvars
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable
 
@@ -77,6 +80,53 @@ def check_decoder_config(cfg, sizes: tuple[str, ...]) -> None:
             raise ValueError(f"{key} must be None or a token id in [0, {cfg.vocab_size - 1}], got {value!r}")
 
 
+# ---- serving: a different adapter for each example of one batch ------------------------------------------------
+# Inside ``per_example(model, names)``, example i of every batch uses adapter ``names[i]`` alone ("base": none),
+# whatever the active set: each site computes an adapter's Δh on the rows routed to it only (gathered, then added
+# back in place), so a mixed batch costs one adapter's work per example (Punica's / S-LoRA's gather-scatter,
+# Chen et al. 2023; Sheng et al. 2023). ROUTES holds adapter name -> the rows (a LongTensor) while it is set.
+
+BASE = "base"
+ROUTES: ContextVar[dict[str, torch.Tensor] | None] = ContextVar("minipeft_routes", default=None)
+
+
+@contextmanager
+def per_example(model: nn.Module, adapter_names):
+    """Route example i of every batch run inside to adapter ``adapter_names[i]`` ("base" = the bare model). Every
+    name must be an adapter of ``model`` that can be computed per example; otherwise a ValueError/KeyError says
+    which and why, and nothing is set. Batches run inside must have ``len(adapter_names)`` rows."""
+    names = list(adapter_names) if not isinstance(adapter_names, str) else None
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"adapter_names must be a non-empty list with one adapter name (or {BASE!r}) per example, "
+                         f"got {adapter_names!r}")
+    held = {}  # adapter name -> its modules
+    for m in model.modules():
+        if hasattr(m, "adapter_name") and m.adapter_name is not None:
+            held.setdefault(m.adapter_name, []).append(m)
+    unknown = sorted(set(names) - set(held) - {BASE})
+    if unknown:
+        raise KeyError(f"no adapter named {unknown[0]!r} to route examples to; adapters: {sorted(held)} or {BASE!r}")
+    for name, modules in sorted(held.items()):  # any of them (a merged LoRA changes the weights of every example)
+        why = next(filter(None, (getattr(m, "not_per_example", lambda: "")() for m in modules)), "")
+        if why:
+            raise ValueError(f"cannot route examples to adapters one by one: adapter {name!r} {why}")
+    device = next(model.parameters()).device
+    index = torch.arange(len(names), device=device)
+    routes = {n: index[[i for i, a in enumerate(names) if a == n]] for n in set(names) - {BASE}}
+    token = ROUTES.set({"": index, **routes})  # "": every row, to check the batch size
+    try:
+        yield
+    finally:
+        ROUTES.reset(token)
+
+
+def routed_rows(routes: dict, module: nn.Module, batch: int) -> torch.Tensor | None:
+    """The rows routed to ``module``'s adapter (None: none), checking that the batch is the routed one."""
+    if batch != len(routes[""]):
+        raise ValueError(f"the batch has {batch} examples but adapter_names names {len(routes[''])}")
+    return routes.get(module.adapter_name)
+
+
 class Site(nn.Module):
     """One sublayer of a block (see the module docstring). Subclasses implement ``sublayer(x, *args) -> h``.
 
@@ -114,11 +164,19 @@ class Site(nn.Module):
         r = x if r is None else r
         h = self.dropout(h)  # (B, T, d): before the residual
         close: Close = (lambda h: self.norm(r + h)) if self.post_norm else (lambda h: r + h)
+        routes = ROUTES.get()
         for delta in self.deltas.values():
-            if delta.active:
-                dh = delta(x, h, close)  # Δh (He et al. 2022, Eq. 1-2 and Table 1)
+            if routes is None:
+                if delta.active:
+                    dh = delta(x, h, close)  # Δh (He et al. 2022, Eq. 1-2 and Table 1)
+                    if dh is not None:
+                        h = h + dh
+            elif (rows := routed_rows(routes, delta, h.shape[0])) is not None:  # its examples only
+                r_rows = r[rows]
+                close_rows = (lambda h: self.norm(r_rows + h)) if self.post_norm else (lambda h: r_rows + h)
+                dh = delta(x[rows], h[rows], close_rows)
                 if dh is not None:
-                    h = h + dh
+                    h = h.index_add(0, rows, dh)
         return close(h)  # (B, T, d)
 
 
@@ -158,6 +216,14 @@ class Backbone(nn.Module):
         # adapter name -> module whose forward() returns, per layer, the prefix (P_k, P_v) or None
         self.prefixes = nn.ModuleDict()
 
+    def __call__(self, *args, adapter_names=None, **kwargs):
+        """``adapter_names``: one adapter name (or "base") per example of the batch, each computed with its own
+        adapter alone (``per_example``); None: the active adapters for every example."""
+        if adapter_names is None:
+            return super().__call__(*args, **kwargs)
+        with per_example(self, adapter_names):
+            return super().__call__(*args, **kwargs)
+
     @property
     def hidden_size(self) -> int:
         return self.cfg.hidden_size
@@ -171,14 +237,41 @@ class Backbone(nn.Module):
         return {"family": self.family, "name": self.cfg.name, "hidden_size": self.hidden_size,
                 "num_layers": self.num_layers, "kv_width": self.attention.kv_width}
 
+    # activation checkpointing per block (``gradient_checkpointing``): off unless asked for
+    checkpoint_layers: bool = False
+
+    def gradient_checkpointing(self, on: bool = True) -> "Backbone":
+        """Activation checkpointing per block (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost",
+        §3; ``torch.utils.checkpoint``): in a training forward each block keeps only its inputs, and its forward is
+        run again in the backward to rebuild what the gradients need. Activation memory goes from L blocks' worth
+        to L blocks' inputs + one block's, for about one more forward of compute. Gradients are unchanged (the same
+        operations on the same values; dropout replays the same random numbers). Returns the backbone."""
+        if not isinstance(on, bool):
+            raise TypeError(f"gradient_checkpointing takes True or False, got {on!r}")
+        self.checkpoint_layers = on
+        return self
+
+    def run_layer(self, layer: nn.Module, *args, filling_cache: bool = False) -> torch.Tensor:
+        """``layer(*args)``, checkpointed when checkpointing is on, the model trains and gradients are recorded,
+        and the block is not filling a KV cache (running it twice would append its keys twice). The block runs
+        again in the backward inside a copy of the context it first ran in (any context variable it reads, such as
+        a per-example adapter routing, holds what it held)."""
+        if not (self.checkpoint_layers and self.training and torch.is_grad_enabled() and not filling_cache):
+            return layer(*args)
+        return torch.utils.checkpoint.checkpoint(contextvars.copy_context().run, layer, *args, use_reentrant=False)
+
     def sites(self, kind: str) -> list[Site]:
         """Every block's ``attn`` or ``ffn`` site, in layer order."""
         if kind not in ("attn", "ffn"):
             raise ValueError(f"a site is 'attn' or 'ffn', got {kind!r}")
         return [getattr(layer, kind) for layer in self.layers]
 
-    def layer_prefixes(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        """Per layer, the (P_k, P_v) of all active prefix modules concatenated along the prefix axis."""
+    def layer_prefixes(self) -> list[tuple[torch.Tensor, ...] | None]:
+        """Per layer, the (P_k, P_v) of all active prefix modules concatenated along the prefix axis; inside
+        ``per_example``, (P_k, P_v, real) with each row's own prefix (see ``routed_prefixes``)."""
+        routes = ROUTES.get()
+        if routes is not None:
+            return self.routed_prefixes(routes)
         per_layer = [[] for _ in self.layers]
         for module in self.prefixes.values():
             if module.active:
@@ -186,6 +279,30 @@ class Backbone(nn.Module):
                     if kv is not None:
                         per_layer[i].append(kv)
         return [None if not kvs else tuple(torch.cat(t, dim=-2) for t in zip(*kvs)) for kvs in per_layer]
+
+    def routed_prefixes(self, routes: dict) -> list[tuple[torch.Tensor, ...] | None]:
+        """Per layer (P_k, P_v, real): row i holds the prefix of the adapter routed to it, left-aligned and padded to
+        the longest, P_k, P_v (B, l_max, w); ``real`` (B, l_max) bool marks the positions it may attend."""
+        B = len(routes[""])
+        routed = {n: m for n, m in self.prefixes.items() if routed_rows(routes, m, B) is not None}
+        if not routed:
+            return [None] * self.num_layers
+        kvs = {n: m() for n, m in routed.items()}  # name -> per layer (P_k, P_v) or None
+        out = []
+        for i in range(self.num_layers):
+            here = {n: kv[i] for n, kv in kvs.items() if kv[i] is not None}
+            if not here:
+                out.append(None)
+                continue
+            first = next(iter(here.values()))[0]
+            l_max = max(kv[0].shape[-2] for kv in here.values())
+            pk, pv = (first.new_zeros(B, l_max, first.shape[-1]) for _ in range(2))
+            real = torch.zeros(B, l_max, dtype=torch.bool, device=first.device)
+            for n, (k, v) in here.items():
+                rows, l = routes[n], k.shape[-2]
+                pk[rows, :l], pv[rows, :l], real[rows, :l] = k, v, True
+            out.append((pk, pv, real))
+        return out
 
     @classmethod
     def our_name(cls, hf_key: str) -> str:
@@ -284,18 +401,26 @@ def prefixed_keys_values(k: torch.Tensor, v: torch.Tensor, prefix, num_kv_heads:
     ones, used as given). k, v (B, n, T, d_h) with n = num_kv_heads; prefix (P_k, P_v), each (l, n·d_h) or
     (B, l, n·d_h), as ``Backbone.layer_prefixes`` gives them. Returns (B, n, l + T, d_h) twice."""
     B, n, _, d_h = k.shape
-    if any(p.dim() not in (2, 3) or p.shape[-1] != n * d_h for p in prefix):
+    if any(p.dim() not in (2, 3) or p.shape[-1] != n * d_h for p in prefix[:2]):
         raise ValueError(f"prefix keys/values must be (l, {n * d_h}) or (B, l, {n * d_h}): this attention has {n} "
                          f"key/value heads of width {d_h}; got {[tuple(p.shape) for p in prefix]}")
-    pk, pv = (p.expand(B, -1, -1).view(B, -1, n, d_h).transpose(1, 2) for p in prefix)  # (B, n, l, d_h)
+    pk, pv = (p.expand(B, -1, -1).view(B, -1, n, d_h).transpose(1, 2) for p in prefix[:2])  # (B, n, l, d_h)
     return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
 
 
-def causal_key_masks(mask: torch.Tensor, past: torch.Tensor) -> Callable[[int], torch.Tensor | None]:
-    """For a causal decoder: n_prefix -> which keys each query may attend, (B, 1, T, l + S + T) bool, or None when
-    plain causal attention is exact (no prefix, no cache, no padding). mask (B, T): the new tokens that are real;
-    past (B, S): the cached ones. Query t (token S + t) sees every prefix position, the real keys j <= S + t, and
-    itself (so a padding row is never all -inf)."""
+def prefix_keys(prefix, kv) -> tuple[int, torch.Tensor | None]:
+    """(l, real_prefix) of one layer's prefix keys: from this call's prefix, else from what the cache holds."""
+    if prefix is not None:
+        return prefix[0].shape[-2], prefix[2] if len(prefix) > 2 else None
+    return (kv.prefix_len, kv.real_prefix) if kv is not None else (0, None)
+
+
+def causal_key_masks(mask: torch.Tensor, past: torch.Tensor) -> Callable[..., torch.Tensor | None]:
+    """For a causal decoder: (n_prefix, real_prefix=None) -> which keys each query may attend, (B, 1, T, l + S + T)
+    bool, or None when plain causal attention is exact (no prefix, no cache, no padding). mask (B, T): the new
+    tokens that are real; past (B, S): the cached ones; real_prefix (B, l): each row's own prefix positions
+    (``per_example``; None: every row sees all l). Query t (token S + t) sees its prefix positions, the real keys
+    j <= S + t, and itself (so a padding row is never all -inf)."""
     B, T, S = mask.shape[0], mask.shape[1], past.shape[1]
     real = torch.cat([past, mask], dim=1)  # (B, S + T)
     j, t = torch.arange(S + T, device=mask.device), torch.arange(T, device=mask.device)[:, None] + S
@@ -303,7 +428,9 @@ def causal_key_masks(mask: torch.Tensor, past: torch.Tensor) -> Callable[[int], 
     plain = S == 0 and bool(mask.all())
     masks = {}
 
-    def for_prefix(n_prefix: int) -> torch.Tensor | None:
+    def for_prefix(n_prefix: int, real_prefix: torch.Tensor | None = None) -> torch.Tensor | None:
+        if real_prefix is not None:  # per row: built per call (the layers share one)
+            return torch.cat([real_prefix[:, None, :].expand(B, T, n_prefix), allowed], dim=2)[:, None]
         if n_prefix not in masks:
             full = torch.cat([allowed.new_ones(B, T, n_prefix), allowed], dim=2)[:, None]
             masks[n_prefix] = None if plain and n_prefix == 0 else full

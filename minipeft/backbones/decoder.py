@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import AttentionLayout, Backbone, Site, causal_key_masks, check_decoder_config, prefixed_keys_values
+from .contract import (AttentionLayout, Backbone, Site, causal_key_masks, check_decoder_config, prefix_keys,
+                       prefixed_keys_values)
 from .registry import BackboneEntry, register_backbone
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -111,7 +112,11 @@ class LayerKV:
 
     def __init__(self):
         self.k = self.v = None
-        self.prefix_len = 0
+        self.prefix_len, self.real_prefix = 0, None  # real_prefix (B, l): per_example's prefixes, else None
+
+    def hold_prefix(self, prefix):
+        """Record the prefix the first call put in front (its length; per_example: each row's real positions)."""
+        self.prefix_len, self.real_prefix = prefix[0].shape[-2], prefix[2] if len(prefix) > 2 else None
 
     def append(self, k, v):
         self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
@@ -154,7 +159,7 @@ class Attention(Site):
         if prefix is not None and (kv is None or kv.k is None):  # prefix keys/values in front of the real ones
             k, v = prefixed_keys_values(k, v, prefix, self.H_kv)  # (B, H_kv, l + T, d_h)
             if kv is not None:
-                kv.prefix_len = prefix[0].shape[-2]
+                kv.hold_prefix(prefix)
         if kv is not None:
             k, v = kv.append(k, v)  # (B, H_kv, l + S + T, d_h)
         if mask is None:  # causal, no padding: the fused kernel shares key/value heads itself
@@ -252,8 +257,8 @@ class Decoder(Backbone):
         prefixes = self.layer_prefixes() if first else [None] * self.num_layers  # a cache already holds them
         for i, (layer, prefix) in enumerate(zip(self.layers, prefixes)):
             kv = None if cache is None else cache.layers[i]
-            n_prefix = prefix[0].shape[-2] if prefix is not None else (kv.prefix_len if kv is not None else 0)
-            x = layer(x, rope, mask_for(n_prefix), prefix, kv)
+            x = self.run_layer(layer, x, rope, mask_for(*prefix_keys(prefix, kv)), prefix, kv,
+                               filling_cache=kv is not None)  # checkpointed if asked (Backbone.run_layer)
         if cache is not None:
             cache.mask = torch.cat([past, mask], dim=1)  # (B, S + T)
         return self.final_norm(x)  # (B, T, d)

@@ -124,10 +124,13 @@ class Attention(Site):
         B = x.shape[0]
         k, v = self.k(x), self.v(x)
         if prefix is not None:  # Li & Liang 2021, §4.2: prefix keys/values in front of the real ones
-            pk, pv = (p.expand(B, -1, -1) if p.dim() == 3 else p.expand(B, *p.shape) for p in prefix)
+            pk, pv = (p.expand(B, -1, -1) if p.dim() == 3 else p.expand(B, *p.shape) for p in prefix[:2])
             k, v = torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)
-            if key_mask is not None:  # every query attends to every prefix position
-                key_mask = torch.cat([key_mask.new_ones(B, pk.shape[1]), key_mask], dim=1)
+            real_prefix = prefix[2] if len(prefix) > 2 else None  # per_example: each row's own prefix positions
+            if key_mask is not None or real_prefix is not None:  # else every query attends every prefix position
+                key_mask = x.new_ones(B, x.shape[1], dtype=torch.bool) if key_mask is None else key_mask
+                real_prefix = key_mask.new_ones(B, pk.shape[1]) if real_prefix is None else real_prefix
+                key_mask = torch.cat([real_prefix, key_mask], dim=1)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, l+T)
         a = F.scaled_dot_product_attention(self.split_heads(self.q(x)), self.split_heads(k), self.split_heads(v),
                                            attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0)
@@ -191,7 +194,7 @@ class Encoder(Backbone):
         x = self.embed(input_ids, attention_mask.long(), token_type_ids)
         key_mask = None if bool(attention_mask.all()) else attention_mask.bool()
         for layer, prefix in zip(self.layers, self.layer_prefixes()):
-            x = layer(x, key_mask, prefix)
+            x = self.run_layer(layer, x, key_mask, prefix)  # checkpointed if asked (Backbone.run_layer)
         return x  # (B, T, d)
 
     # ---- loading pretrained weights: Backbone.from_hf / from_hf_dir, with this conversion hook ------------

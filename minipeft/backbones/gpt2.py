@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contract import (ACTIVATIONS, AttentionLayout, Backbone, FeedForward, Site, causal_key_masks,
-                       check_decoder_config, prefixed_keys_values)
+                       check_decoder_config, prefix_keys, prefixed_keys_values)
 from .decoder import Decoder, KVCache, LayerKV
 from .registry import BackboneEntry, register_backbone
 
@@ -107,7 +107,7 @@ class Attention(Site):
         if prefix is not None and (kv is None or kv.k is None):  # a cache holds them after its first call
             k, v = prefixed_keys_values(k, v, prefix, self.H)  # (B, H, l + T, d_h)
             if kv is not None:
-                kv.prefix_len = prefix[0].shape[-2]
+                kv.hold_prefix(prefix)
         if kv is not None:
             k, v = kv.append(k, v)  # (B, H, l + S + T, d_h)
         p = self.attention_dropout if self.training else 0.0
@@ -170,8 +170,8 @@ class GPT2(Backbone):
         prefixes = self.layer_prefixes() if first else [None] * self.num_layers  # a cache already holds them
         for i, (layer, prefix) in enumerate(zip(self.layers, prefixes)):
             kv = None if cache is None else cache.layers[i]
-            n_prefix = prefix[0].shape[-2] if prefix is not None else (kv.prefix_len if kv is not None else 0)
-            x = layer(x, masks(n_prefix), prefix, kv)
+            x = self.run_layer(layer, x, masks(*prefix_keys(prefix, kv)), prefix, kv,
+                               filling_cache=kv is not None)  # checkpointed if asked (Backbone.run_layer)
         if cache is not None:
             cache.mask = torch.cat([past, mask], dim=1)
         return self.final_norm(x)  # (B, T, d)

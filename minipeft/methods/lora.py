@@ -119,6 +119,9 @@ class LoRALinear(AdapterModule):
         # Δh = (α/r) B (A x)   (Hu et al. 2021, Eq. 3); the scale is applied on the r-wide intermediate
         return F.linear(F.linear(self.dropout(x), self.A) * self.scale, self.B)  # (..., d_out)
 
+    def not_per_example(self) -> str:
+        return "is merged into its layer's weight, which every example shares: unmerge it first" if self.merged else ""
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW = (α/r) B A, shaped like the base weight (d_out, d_in)."""
         return self.scale * (self.B @ self.A)
