@@ -17,7 +17,8 @@ from torch import nn
 from . import methods  # noqa: F401  (registers every method)
 from .backbones.contract import Backbone, find_backbone
 from .core import (METHODS, AdapterConfig, AdapterModule, Recipe, adapter_configs, adapter_modules,  # noqa: F401
-                   adapter_names, add_output_delta, config_from_dict, match_modules, register_method,
+                   adapter_names, add_input_delta, add_output_delta, config_from_dict, match_modules,
+                   register_method, remove_input_delta,
                    remove_output_delta)  # the protocol, re-exported: ``from minipeft.api import AdapterModule``
 
 # minipeft's own format; peft's files (adapter_config.json, adapter_model.safetensors) are written by
@@ -93,6 +94,8 @@ def _remove_modules(model: nn.Module, name: str) -> None:
         owner_path, _, container_name = parent_path.rpartition(".")
         if container_name == "output_deltas":
             remove_output_delta(model.get_submodule(owner_path), key)
+        elif container_name == "input_deltas":
+            remove_input_delta(model.get_submodule(owner_path), key)
         else:
             del container[key]
 

@@ -4,7 +4,8 @@
   ``@register_method``) whose ``attach(model, name)`` creates ``AdapterModule``s inside the model, through the
   backbone contract (``minipeft.backbones.contract``) or on any ``nn.Module`` by name (``add_output_delta``).
 - Every ``AdapterModule`` sits in an ``nn.ModuleDict`` under its adapter's name (a site's ``deltas``, the
-  backbone's ``prefixes``, a module's ``output_deltas``), so one model holds several named adapters.
+  backbone's ``prefixes``, a module's ``output_deltas`` or ``input_deltas``), so one model holds several named
+  adapters.
 - An inactive module contributes nothing: a model with every adapter inactive is exactly the base model.
 - An adapter's config is kept once, on the model (``adapter_configs``), never copied onto its modules.
 - A method's deployment step is its config's ``deploy(model, name)``: ``api.for_inference`` asks each attached
