@@ -48,6 +48,37 @@ def test_forward_rejects(wrong, message):
     assert_rejects(check_lora_forward, wrong, message=message)
 
 
+@pytest.mark.parametrize("wrong, message", [
+    (lambda x, W0, b, A, B, a, r: right_forward(x, W0, b, A.detach(), B, a, r), "no gradient reaches A"),
+    (lambda x, W0, b, A, B, a, r: right_forward(x, W0, b, A.data, B, a, r), "no gradient reaches A"),
+    (lambda x, W0, b, A, B, a, r: right_forward(x, W0, b, torch.tensor(A.tolist()), B, a, r), "no gradient reaches A"),
+    (lambda x, W0, b, A, B, a, r: right_forward(x, W0, b, A, B.detach(), a, r), "no gradient reaches B"),
+    (lambda x, W0, b, A, B, a, r: right_forward(x, W0, b, A.detach(), B.detach(), a, r), "no gradient reaches A"),
+    (lambda x, W0, b, A, B, a, r: right_forward(x, W0, b, 2 * A - A.detach(), B, a, r),  # A's value, twice its grad
+     "the gradient with respect to A is wrong"),
+])
+def test_forward_rejects_a_graph_that_training_cannot_use(wrong, message):
+    """The values are right, so only the gradients can tell (the first step from B = 0 cannot: A's gradient is 0)."""
+    assert_rejects(check_lora_forward, wrong, message=message)
+
+
+def test_a_detached_A_takes_the_same_first_step_from_B_zero():
+    """Why the check needs B ≠ 0: from LoRA's initialisation (B = 0) the gradient of A is zero, so one step of a
+    forward with A detached changes W exactly as the right one does."""
+    def first_step(forward):
+        torch.manual_seed(0)
+        W0, b, x, target = torch.randn(8, 8), torch.zeros(8), torch.randn(16, 8), torch.randn(16, 8)
+        A, B = torch.randn(4, 8, requires_grad=True), torch.zeros(8, 4, requires_grad=True)
+        opt = torch.optim.Adam([A, B], lr=1e-3)
+        torch.nn.functional.mse_loss(forward(x, W0, b, A, B, 8.0, 4), target).backward()
+        opt.step()
+        return (B @ A).detach()
+
+    detached = lambda x, W0, b, A, B, a, r: right_forward(x, W0, b, A.detach(), B, a, r)  # noqa: E731
+    assert torch.equal(first_step(right_forward), first_step(detached))
+    assert_rejects(check_lora_forward, detached, message="no gradient reaches A")
+
+
 def in_place(W0, A, B, alpha, r):
     W0 += (alpha / r) * (B @ A)
     return W0

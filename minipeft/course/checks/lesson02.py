@@ -99,13 +99,41 @@ def check_lora_forward(fn) -> None:
                  f"expected {tuple(want.shape)}" + ("; that is the rank-r bottleneck A x: B brings it back up to "
                                                    "d_out." if got.shape[-1:] == (r,) else "."))
         if torch.allclose(got, want, atol=1e-5):
+            _check_gradients(name, fn, t, alpha, r)
             continue
         for hint, wrong in _forward_mistakes(**t, alpha=alpha, r=r).items():
             if torch.allclose(got, wrong, atol=1e-5):
                 fail(name, hint + ".")
         fail(name, f"wrong output (d_in={d_in}, d_out={d_out}, r={r}, α={alpha}; {max_error(got, want)}); "
              "expected W0 x + b + (α/r) B A x: A applied to x first, then B, each as nn.Linear applies a weight.")
-    passed(name, "W0 x + b + (α/r) B A x, equal to minipeft's LoRALinear (square and rectangular layers)")
+    passed(name, "W0 x + b + (α/r) B A x, equal to minipeft's LoRALinear (square and rectangular layers), "
+           "and gradients reach A and B")
+
+
+def _check_gradients(name: str, fn, t: dict, alpha: float, r: int) -> None:
+    """The gradients of a random projection of ``fn``'s output with respect to A and B equal LoRALinear's.
+
+    Right values are not enough: a forward that uses ``A.detach()`` (or ``.data``, ``.tolist()``) computes them
+    too, and at LoRA's initialisation (B = 0) A's gradient is zero anyway, so the first training step cannot tell
+    either. Here B ≠ 0."""
+    A, B = t["A"].clone().requires_grad_(), t["B"].clone().requires_grad_()
+    linear, lora = _reference_module(t["W0"], t["b"], t["A"], t["B"], alpha, r)
+    want = linear(t["x"]) + lora(t["x"])
+    cotangent = torch.randn(want.shape, generator=torch.Generator().manual_seed(7))
+    want_A, want_B = torch.autograd.grad(want, [lora.A, lora.B], cotangent)
+    got = fn(t["x"], t["W0"], t["b"], A, B, alpha, r)
+    if got.requires_grad:
+        got_A, got_B = torch.autograd.grad(got, [A, B], cotangent, allow_unused=True)
+    else:
+        got_A = got_B = None
+    for what, g, w in (("A", got_A, want_A), ("B", got_B, want_B)):
+        if g is None or not g.abs().any():
+            fail(name, f"the output is right but no gradient reaches {what}: it was cut from the graph (detach(), "
+                 ".data, .item() or .tolist(), or a new tensor built from its values), so training would never "
+                 f"update {what}. Use the tensor {what} itself in the computation.")
+        if not torch.allclose(g, w, atol=1e-5):
+            fail(name, f"the output is right but the gradient with respect to {what} is wrong "
+                 f"({max_error(g, w)}): compute the output from A and B themselves, with no in-place changes.")
 
 
 def check_merge(fn) -> None:
