@@ -1,4 +1,6 @@
 """Lesson 03 checks accept the right answers and reject the plausible wrong ones with a useful message."""
+import math
+
 import pytest
 import torch
 
@@ -78,9 +80,17 @@ def test_compacter_count_rejects(wrong, message):
 
 # ---- best_n ------------------------------------------------------------------------------------------------
 
+def divisors(d, k):
+    return [n for n in range(1, min(d, k) + 1) if d % n == 0 and k % n == 0]
+
+
 def right_best_n(d, k):
-    allowed = [n for n in range(1, min(d, k) + 1) if d % n == 0 and k % n == 0]
-    return min(allowed, key=lambda n: d * k // n + n ** 3)
+    return min(divisors(d, k), key=lambda n: d * k // n + n ** 3)
+
+
+def nearest_divisor(d, k, scale=lambda n: n):
+    """The common divisor nearest to the continuous minimum (dk/3)^(1/4) of d·k/n + n³ (on ``scale``)."""
+    return min(divisors(d, k), key=lambda n: abs(scale(n) - scale((d * k / 3) ** 0.25)))
 
 
 def test_best_n_reference():
@@ -97,6 +107,11 @@ def test_best_n_accepts_the_answer(capsys):
 
 @pytest.mark.parametrize("wrong, message", [
     (lambda d, k: round((d * k / 3) ** 0.25), "does not divide both"),
+    (nearest_divisor, "n=6 is on one side of it and n=12 on the other"),  # wrong for (1536, 12) only
+    (lambda d, k: nearest_divisor(d, k, math.log), "not symmetric around that point"),  # wrong for (384, 8)
+    (lambda d, k: max(n for n in divisors(d, k) if n <= (d * k / 3) ** 0.25), "compare the counts"),
+    (lambda d, k: min(n for n in divisors(d, k) + [max(divisors(d, k))] if n >= (d * k / 3) ** 0.25),
+     "compare the counts"),
     (lambda d, k: max(n for n in range(1, k + 1) if d % n == 0 and k % n == 0), "largest n"),
     (lambda d, k: 1, "dense matrix"),
     (lambda d, k: 2 if d > 10 else 1, "both parts"),
