@@ -20,6 +20,9 @@ from helpers import assert_unchanged, padded_tokens, perturb, structure
 REL = 1e-6
 CONFIGS = {f"{method}-{label}": ex.config for method, labels in EXAMPLES.items() for label, ex in labels.items()
            if not ex.sources}
+# (family, example) pairs that attach (an example may refuse a backbone, e.g. BitFit where there is no bias)
+CASES = [(family, f"{method}-{label}") for method, labels in EXAMPLES.items() for label, ex in labels.items()
+         if not ex.sources for family in sorted(REGISTRY) if family not in getattr(ex, "refuses", {})]
 
 
 def tiny(family: str, method: str | None = None):
@@ -63,8 +66,7 @@ def test_full_fine_tuning_gradients_unchanged(family):
     assert_same_gradients(tiny(family).requires_grad_(True), batch_for(family))
 
 
-@pytest.mark.parametrize("method", sorted(CONFIGS))
-@pytest.mark.parametrize("family", sorted(REGISTRY))
+@pytest.mark.parametrize("family,method", CASES)
 def test_adapter_gradients_unchanged(family, method):
     """Every method's example (LoRA, adapters, prefixes, MAM, ...) on every backbone: the same loss and gradients."""
     assert_same_gradients(tiny(family, method), batch_for(family))
