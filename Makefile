@@ -39,14 +39,17 @@ results: setup
 exercises: setup
 	$(PY) -m minipeft.course.exercises build
 
-# JupyterLab on the course, offline (no news, update or extension-index requests; lab/overrides.json says never
-# ask), lesson 00 opened. On a remote machine: make lab LAB_ARGS='--no-browser --port 8888', then open the printed
-# URL through an SSH tunnel. docs/check_lab.py checks the same flags in headless Chromium.
-LAB_FLAGS := --LabApp.app_settings_dir=$(CURDIR)/lab --LabApp.news_url=None \
+# JupyterLab on the whole repository (notebooks/, exercises/, solutions/), offline (no news, update or
+# extension-index requests; lab/overrides.json says never ask, and saves widget state), lesson 00 opened. On a remote
+# machine: make lab LAB_ARGS='--no-browser --port 8888', then open the printed URL (it is lesson 00's) through an
+# SSH tunnel. docs/check_lab.py checks the same flags in headless Chromium.
+LESSON00 := notebooks/00_setup_and_baselines.ipynb
+LAB_FLAGS := --ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/$(LESSON00) \
+	--LabApp.app_settings_dir=$(CURDIR)/lab --LabApp.news_url=None \
 	--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate --LabApp.extension_manager=readonly \
 	$(if $(filter 0,$(shell id -u)),--allow-root)
 lab: setup
-	$(PY) -m jupyter lab $(LAB_FLAGS) $(LAB_ARGS) notebooks/00_setup_and_baselines.ipynb
+	$(PY) -m jupyter lab $(LAB_FLAGS) $(LAB_ARGS)
 
 wheel: setup        # dist/minipeft-<version>-py3-none-any.whl (+ the sdist); .ci/check_wheel.py checks its contents
 	$(PY) -m build --outdir dist
