@@ -167,10 +167,12 @@ class Example:
     """A small config of a method that attaches to any registered backbone. ``counts(d, L, w)``: its closed form
     in the backbone's width d, layers L and key/value width w, as (trained, stored), or one number when everything
     trained is stored (None: the method offers none); ``sources``: how many trained, frozen adapters it reads
-    (AdapterFusion), which the suite attaches first as s0, s1, ..."""
+    (AdapterFusion), which the suite attaches first as s0, s1, ...; ``refuses``: backbone family -> a pattern of the
+    ValueError that adding it there raises (BitFit on a model without biases), which the suite checks instead."""
     config: Callable[[], AdapterConfig]
     counts: Callable[[int, int, int], int | tuple[int, int]] | None = None
     sources: int = 0
+    refuses: dict[str, str] = field(default_factory=dict)
 
     def expected_counts(self, backbone: Backbone) -> tuple[int, int] | None:
         """(trained, stored) on ``backbone`` from the closed form, or None."""

@@ -145,6 +145,10 @@ def export_peft(model: nn.Module, name: str, directory: str | Path, base_model_n
     from safetensors.torch import save_file
 
     config = adapter_config(model, name)
+    if config.method == "prompt_tuning":  # peft's PROMPT_TUNING: its soft tokens (interop_prompt_tuning)
+        from .interop_prompt_tuning import export_prompt_tuning
+
+        return export_prompt_tuning(model, name, directory, base_model_name_or_path, task_type)
     if not isinstance(config, LoRAConfig):
         extra = (" (peft's PREFIX_TUNING keeps its virtual tokens in past_key_values, in another form)"
                  if config.method == "prefix" else "")
@@ -292,6 +296,10 @@ def import_peft(model: nn.Module, directory: str | Path, name: str | None = None
     The adapter must have been made on this model's checkpoint (the same transformers module paths and Linear
     shapes); otherwise, or for any peft feature plain LoRA lacks, a ValueError names the file and the model is
     left exactly as it was."""
+    if _is_prompt_tuning(directory):  # peft's PROMPT_TUNING: its soft tokens (interop_prompt_tuning)
+        from .interop_prompt_tuning import import_prompt_tuning
+
+        return import_prompt_tuning(model, directory, name)
     home, _, to_ours = _namer(model)  # first: a backbone peft cannot describe is refused whatever the files
     directory = Path(directory)
     cfg, pairs = read_peft_lora(directory)
@@ -341,6 +349,14 @@ def import_peft(model: nn.Module, directory: str | Path, name: str | None = None
         delete_adapter(home, name)
         raise
     return config
+
+
+def _is_prompt_tuning(directory) -> bool:
+    """Whether ``directory`` holds a peft prompt-tuning adapter (its config's peft_type)."""
+    try:
+        return json.loads((Path(directory) / PEFT_CONFIG_FILE).read_text()).get("peft_type") == "PROMPT_TUNING"
+    except (OSError, ValueError, AttributeError):  # no file, not JSON, not an object: the LoRA reader says why
+        return False
 
 
 def _without_base_change(config: LoRAConfig, found: dict, init: str, linears: dict, directory: Path):

@@ -8,6 +8,7 @@ that happens explicit, and methods attach only through what is listed here (neve
     site.role(role)                                      the linears that play a ``ROLES`` part in it (see below)
     backbone.attention                                   head layout: heads, key/value heads, head width
     backbone.prefixes                                    prefix modules: per layer extra keys/values (l, kv_width)
+    backbone.prompts                                     prompt modules: soft tokens (l, d) before the embedded input
     backbone.hidden_size, .num_layers, .identity()       what a saved adapter records and checks
     backbone.hf_name(ours) / backbone.our_name(hf)       the two-way name map to the ``transformers`` checkpoint
     Backbone.from_hf(hf_model)                           loading: one path, each backbone's ``convert_hf_state`` hook
@@ -215,6 +216,8 @@ class Backbone(nn.Module):
         self.cfg = cfg
         # adapter name -> module whose forward() returns, per layer, the prefix (P_k, P_v) or None
         self.prefixes = nn.ModuleDict()
+        # adapter name -> module whose forward() returns soft input tokens (l, d) (prompt tuning)
+        self.prompts = nn.ModuleDict()
 
     def __call__(self, *args, adapter_names=None, **kwargs):
         """``adapter_names``: one adapter name (or "base") per example of the batch, each computed with its own
@@ -259,6 +262,37 @@ class Backbone(nn.Module):
         if not (self.checkpoint_layers and self.training and torch.is_grad_enabled() and not filling_cache):
             return layer(*args)
         return torch.utils.checkpoint.checkpoint(contextvars.copy_context().run, layer, *args, use_reentrant=False)
+
+    def soft_tokens(self, batch: int, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The soft tokens of every active module in ``prompts`` (prompt tuning, Lester et al. 2021, §2), concatenated,
+        as (P (B, l, d), real (B, l) of ``mask``'s dtype), or None when there are none. Inside ``per_example`` row i
+        holds the soft tokens of its own adapter, left-aligned and padded to the longest (``real`` marks them)."""
+        routes = ROUTES.get()
+        modules = {n: m for n, m in self.prompts.items()
+                   if (m.active if routes is None else routed_rows(routes, m, batch) is not None)}
+        if not modules:
+            return None
+        if routes is None:
+            p = torch.cat([m() for m in modules.values()], dim=0)  # (l, d)
+            return p.expand(batch, -1, -1), mask.new_ones(batch, p.shape[0])
+        soft = {n: m() for n, m in modules.items()}
+        first = next(iter(soft.values()))
+        p = first.new_zeros(batch, max(t.shape[0] for t in soft.values()), first.shape[1])  # (B, l_max, d)
+        real = mask.new_zeros(batch, p.shape[1])
+        for n, t in soft.items():
+            p[routes[n], :t.shape[0]], real[routes[n], :t.shape[0]] = t, 1
+        return p, real
+
+    def prepend_prompts(self, e: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """[P; e] and [real; mask]: the soft tokens (``soft_tokens``) in front of the embedded input e (B, T, d)
+        (Lester et al. 2021, §2: the model reads [P; X_e]) as positions of the sequence; mask (B, T). Returns
+        (e, mask, l), e and mask as they were and l = 0 when there are none. The backbone numbers the soft tokens
+        0..l-1 and the real tokens l..l+n-1, runs every block on all l + T, and returns the T real tokens only."""
+        soft = self.soft_tokens(e.shape[0], mask)
+        if soft is None:
+            return e, mask, 0
+        p, real = soft
+        return torch.cat([p.to(e.dtype), e], dim=1), torch.cat([real, mask], dim=1), p.shape[1]
 
     def sites(self, kind: str) -> list[Site]:
         """Every block's ``attn`` or ``ffn`` site, in layer order."""

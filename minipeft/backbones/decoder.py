@@ -247,12 +247,15 @@ class Decoder(Backbone):
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         first = cache is None or not len(cache)
         past = mask.new_zeros(B, 0) if first else cache.mask  # (B, S)
-        # real tokens sit at positions 0..n-1 whatever the padding; padding gets 0 (its output is unused)
+        x = self.embed(input_ids)  # (B, T, d)
+        # prompt tuning: soft tokens in front on the first call (a cache holds them after), real tokens after them
+        x, mask, n_prompt = self.prepend_prompts(x, mask) if first else (x, mask, 0)
+        # real tokens sit at positions 0..n-1 whatever the padding (l..l+n-1 after l soft tokens); padding gets 0
+        # (its output is unused)
         positions = (past.sum(1, keepdim=True) + mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
         if bool((positions == positions[:1]).all()):  # every row at the same positions: one table, broadcast
             positions = positions[:1]
         mask_for = causal_key_masks(mask, past)  # n_prefix -> (B, 1, T, l + S + T) or None (plain causal)
-        x = self.embed(input_ids)  # (B, T, d)
         rope = tuple(c.to(x.dtype) for c in rotary(positions, self.cfg.head_dim, self.cfg.rope_theta))
         prefixes = self.layer_prefixes() if first else [None] * self.num_layers  # a cache already holds them
         for i, (layer, prefix) in enumerate(zip(self.layers, prefixes)):
@@ -261,7 +264,7 @@ class Decoder(Backbone):
                                filling_cache=kv is not None)  # checkpointed if asked (Backbone.run_layer)
         if cache is not None:
             cache.mask = torch.cat([past, mask], dim=1)  # (B, S + T)
-        return self.final_norm(x)  # (B, T, d)
+        return self.final_norm(x[:, n_prompt:])  # (B, T, d): the real tokens
 
     def logits(self, hidden):
         """(B, T, d) -> (B, T, V): the output embedding, tied to the input one (Press & Wolf 2017)."""

@@ -96,13 +96,21 @@ class Embeddings(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        T = input_ids.shape[1]
+    def forward(self, input_ids, attention_mask, token_type_ids, prompt=None):
+        """``prompt``: prompt tuning's soft tokens (B, l, d) in front of the word embeddings, with token type 0;
+        ``attention_mask`` then covers them too (B, l + T), and positions count the real ones only (l..l+n-1)."""
+        words = self.word(input_ids)  # (B, T, d)
+        if prompt is not None:
+            words = torch.cat([prompt.to(words.dtype), words], dim=1)
+            token_type_ids = torch.cat([token_type_ids.new_zeros(prompt.shape[:2]), token_type_ids], dim=1)
+        T = words.shape[1]
         if self.cfg.model_type == "roberta":  # real tokens count from pad+1, padding sits at pad
             pos = torch.cumsum(attention_mask, dim=1) * attention_mask + self.cfg.pad_token_id
+        elif prompt is not None:  # a row's masked soft positions (per_example) do not count
+            pos = (torch.cumsum(attention_mask, dim=1) - 1).clamp(min=0)
         else:
             pos = torch.arange(T, device=input_ids.device)[None]
-        e = self.word(input_ids) + self.position(pos) + self.token_type(token_type_ids)
+        e = words + self.position(pos) + self.token_type(token_type_ids)
         return self.dropout(self.norm(e))  # (B, T, d)
 
 
@@ -191,11 +199,15 @@ class Encoder(Backbone):
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        x = self.embed(input_ids, attention_mask.long(), token_type_ids)
+        soft = self.soft_tokens(input_ids.shape[0], attention_mask)  # prompt tuning: (P, real) or None
+        n_prompt = 0 if soft is None else soft[0].shape[1]
+        if soft is not None:
+            attention_mask = torch.cat([soft[1], attention_mask], dim=1)  # (B, l + T)
+        x = self.embed(input_ids, attention_mask.long(), token_type_ids, None if soft is None else soft[0])
         key_mask = None if bool(attention_mask.all()) else attention_mask.bool()
         for layer, prefix in zip(self.layers, self.layer_prefixes()):
             x = self.run_layer(layer, x, key_mask, prefix)  # checkpointed if asked (Backbone.run_layer)
-        return x  # (B, T, d)
+        return x[:, n_prompt:]  # (B, T, d): the real tokens
 
     # ---- loading pretrained weights: Backbone.from_hf / from_hf_dir, with this conversion hook ------------
 

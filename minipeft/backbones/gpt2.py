@@ -163,10 +163,13 @@ class GPT2(Backbone):
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         first = cache is None or not len(cache)
         past = mask.new_zeros(mask.shape[0], 0) if first else cache.mask  # (B, S)
+        words = self.embed(input_ids)  # (B, T, d)
+        # prompt tuning: soft tokens in front of the word embeddings on the first call, real tokens after them
+        words, mask, n_prompt = self.prepend_prompts(words, mask) if first else (words, mask, 0)
         positions = (past.sum(1, keepdim=True) + mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
         masks = causal_key_masks(mask, past)
         # e = W_e[ids] + W_p[positions]  (Radford et al. 2018, §3.1)
-        x = self.dropout(self.embed(input_ids) + self.position(positions))  # (B, T, d)
+        x = self.dropout(words + self.position(positions))  # (B, T, d)
         prefixes = self.layer_prefixes() if first else [None] * self.num_layers  # a cache already holds them
         for i, (layer, prefix) in enumerate(zip(self.layers, prefixes)):
             kv = None if cache is None else cache.layers[i]
@@ -174,7 +177,7 @@ class GPT2(Backbone):
                                filling_cache=kv is not None)  # checkpointed if asked (Backbone.run_layer)
         if cache is not None:
             cache.mask = torch.cat([past, mask], dim=1)
-        return self.final_norm(x)  # (B, T, d)
+        return self.final_norm(x[:, n_prompt:])  # (B, T, d): the real tokens
 
     def convert_hf_state(self, hf_state: dict) -> dict:
         """GPT2LMHeadModel / GPT2Model tensors -> ours: Conv1D weights transposed, c_attn split into q, k, v; a
