@@ -48,7 +48,7 @@ METHOD_COLOURS = {
     "lora": "tab:orange", "lora r=1": "#ffbb78", "adapter_lora": "#c49c94",
     "phm_adapter": "#aec7e8", "compacter": "tab:purple", "compacter_pp": "#c5b0d5",
     "parallel": "tab:green", "parallel_s1": "tab:green", "scaled_parallel": "tab:olive", "scaled_s4": "tab:olive",
-    "scaled_learned": "tab:brown", "sequential_ffn": "#17becf", "parallel_attn": "#98df8a",
+    "scaled_learned": "tab:brown", "sequential_ffn": "navy", "parallel_attn": "#98df8a",
     "prefix": "tab:red", "flat": "#ff9896", "prefix flat": "#ff9896", "mam": "tab:pink", "fusion": "#8c564b",
 }
 
