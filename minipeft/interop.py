@@ -21,6 +21,10 @@ A PiSSA or OLoRA adapter (``init_lora_weights="pissa"`` / ``"olora"``, saved wit
 W0 − s·B0A0, B0 A0 taken from W0 (its SVD / QR), which peft's reload recomputes; ``import_peft`` recomputes B0, A0
 the same way and imports the plain LoRA of rank 2r that computes the same, [B | B0][A; −A0], W0 left as it is.
 
+**DoRA and IA³.** A DoRA adapter is peft's LoRA with ``use_dora=True`` and one more tensor per Linear,
+``<path>.lora_magnitude_vector`` (d_out,): minipeft's ``DoRALinear.m``. An IA³ adapter is peft's ``IA3`` (one
+``<path>.ia3_l`` per Linear, its side set by ``feedforward_modules``): ``export_peft`` / ``import_peft`` convert both.
+
 Other methods have no peft equivalent here (peft has no bottleneck, Compacter or parallel adapter; its prefix
 tuning keeps virtual tokens in ``past_key_values``, not in minipeft's per-layer form): exporting one is an error.
 
@@ -43,13 +47,15 @@ from torch import nn
 from .api import _home, add_adapter, adapter_config, adapter_names, delete_adapter
 from .backbones.contract import Backbone
 from .core import AdapterModule, adapter_modules, match_modules
+from .methods.dora import DoRAConfig, DoRALinear
+from .methods.ia3 import IA3Config, IA3Vector
 from .methods.lora import LoRAConfig, LoRALinear
 
 PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # peft's PeftModel wraps the transformers model as base_model.model
 TASK_TYPES = {"bert": "FEATURE_EXTRACTION", "llama": "CAUSAL_LM"}  # which PeftModel subclass from_pretrained builds
 # peft LoraConfig fields whose non-default values change what the adapter computes; minipeft's LoRA has none
-UNSUPPORTED = {"use_dora": False, "bias": "none", "lora_bias": False, "fan_in_fan_out": False,
+UNSUPPORTED = {"bias": "none", "lora_bias": False, "fan_in_fan_out": False,
                "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None,
                "use_qalora": False, "target_parameters": None, "trainable_token_indices": None,
                "alora_invocation_tokens": None}
@@ -60,7 +66,7 @@ VARIANTS = {"velora_config": None, "monteclora_config": None, "use_bdlora": None
 # Linears got a LoRA (the weights file names each one), an init's own settings, run-time options
 HONOURED = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
             "inference_mode", "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "target_modules",
-            "exclude_modules", "layers_to_transform", "layers_pattern", "runtime_config", "megatron_core",
+            "use_dora", "exclude_modules", "layers_to_transform", "layers_pattern", "runtime_config", "megatron_core",
             "qalora_group_size", "ensure_weight_tying", "eva_config", "corda_config", "loftq_config", "lora_ga_config"}
 # init_lora_weights: peft reloads these as saved (h = W0 x + s·BAx): the saved A, B are the whole adapter
 PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
@@ -149,11 +155,13 @@ def export_peft(model: nn.Module, name: str, directory: str | Path, base_model_n
         from .interop_prompt_tuning import export_prompt_tuning
 
         return export_prompt_tuning(model, name, directory, base_model_name_or_path, task_type)
+    if isinstance(config, IA3Config):
+        return export_peft_ia3(model, name, directory, base_model_name_or_path, task_type)
     if not isinstance(config, LoRAConfig):
         extra = (" (peft's PREFIX_TUNING keeps its virtual tokens in past_key_values, in another form)"
                  if config.method == "prefix" else "")
         raise ValueError(f"adapter {name!r} is a {config.method!r} adapter: peft has no equivalent of it{extra}. "
-                         f"export_peft writes LoRA adapters only (method 'lora', LoRAConfig); keep this one in "
+                         f"export_peft writes LoRA, DoRA and IA³ adapters only; keep this one in "
                          f"minipeft's format with save_adapter(model, {name!r}, directory)")
     home, to_hf, _ = _namer(model)
     layers = {p: m for p, m in adapter_modules(home, name).items() if isinstance(m, LoRALinear)}
@@ -172,6 +180,8 @@ def export_peft(model: nn.Module, name: str, directory: str | Path, base_model_n
     for path, m in hf_paths.items():
         state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.A.detach().contiguous().cpu()  # (r, d_in)
         state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.B.detach().contiguous().cpu()  # (d_out, r)
+        if isinstance(m, DoRALinear):  # DoRA's magnitude, peft's lora_magnitude_vector (d_out,)
+            state[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = m.m.detach().contiguous().cpu()
     family = getattr(home, "family", None)
     if task_type == "auto":
         task_type = TASK_TYPES.get(family)
@@ -182,7 +192,8 @@ def export_peft(model: nn.Module, name: str, directory: str | Path, base_model_n
         "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.rslora,
         "target_modules": compact_targets(list(hf_paths), universe),
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True, "inference_mode": True,
-        **UNSUPPORTED, "layers_to_transform": None, "layers_pattern": None, "revision": None,
+        **UNSUPPORTED, "use_dora": isinstance(config, DoRAConfig), "layers_to_transform": None,
+        "layers_pattern": None, "revision": None,
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -203,8 +214,9 @@ def _base_model_name(home: nn.Module) -> str | None:
 
 # ---- import -------------------------------------------------------------------------------------------------
 
-def read_peft_lora(directory: str | Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """peft's config and, per transformers module path, its (A, B); a clear error naming the file otherwise."""
+def read_peft_lora(directory: str | Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+    """peft's config, per transformers module path its (A, B), and with ``use_dora`` its DoRA magnitude m (d_out,);
+    a clear error naming the file otherwise."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -229,8 +241,14 @@ def read_peft_lora(directory: str | Path) -> tuple[dict, dict[str, tuple[torch.T
     except Exception as e:  # safetensors' own error types for a truncated / corrupt file
         raise ValueError(f"{weights_file} is not a readable safetensors file ({type(e).__name__}: {e})") from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         found = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        magnitude = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?",
+                                 key)
+        if magnitude:
+            magnitudes[magnitude.group(1)] = tensor
+            continue
         if not found:
             raise ValueError(f"{weights_file} holds {key!r}, which is not a LoRA A or B matrix of a Linear "
                              f"({PEFT_PREFIX}<module>.lora_A.weight / .lora_B.weight); minipeft imports plain LoRA")
@@ -238,7 +256,12 @@ def read_peft_lora(directory: str | Path) -> tuple[dict, dict[str, tuple[torch.T
     half = sorted(p for p, ab in pairs.items() if len(ab) != 2)
     if half or not pairs:
         raise ValueError(f"{weights_file}: {'no LoRA tensors' if not pairs else f'A or B missing for {half[:3]}'}")
-    return cfg, {p: (ab["A"], ab["B"]) for p, ab in pairs.items()}
+    dora = bool(cfg.get("use_dora", False))
+    if set(magnitudes) != (set(pairs) if dora else set()):
+        odd = sorted(set(pairs) ^ set(magnitudes)) if dora else sorted(magnitudes)
+        raise ValueError(f"{weights_file} does not match use_dora={dora} in {config_file.name}: DoRA has one "
+                         f"lora_magnitude_vector per LoRA'd Linear, plain LoRA none (e.g. {odd[:2]})")
+    return cfg, {p: (ab["A"], ab["B"]) for p, ab in pairs.items()}, magnitudes
 
 
 def check_peft_fields(cfg: dict, config_file: Path) -> None:
@@ -249,7 +272,7 @@ def check_peft_fields(cfg: dict, config_file: Path) -> None:
             if cfg.get(k, default) not in (default, *empty)]
     if used:
         raise ValueError(f"{config_file} uses {', '.join(used)}, which minipeft's LoRA does not have (it is plain "
-                         f"LoRA: one r and alpha for every layer, no DoRA, no bias, no extra trained modules)")
+                         f"LoRA or DoRA: one r and alpha for every layer, no bias, no extra trained modules)")
     unknown = [f"{k}={v!r}" for k, v in cfg.items() if k not in HONOURED | set(UNSUPPORTED) | set(VARIANTS)
                and v not in empty]
     if unknown:
@@ -302,7 +325,9 @@ def import_peft(model: nn.Module, directory: str | Path, name: str | None = None
         return import_prompt_tuning(model, directory, name)
     home, _, to_ours = _namer(model)  # first: a backbone peft cannot describe is refused whatever the files
     directory = Path(directory)
-    cfg, pairs = read_peft_lora(directory)
+    if _peft_type(directory) == "IA3":
+        return import_peft_ia3(model, directory, name)
+    cfg, pairs, magnitudes = read_peft_lora(directory)
     weights_file = directory / PEFT_WEIGHTS_FILE
     name = name or "default"
     if name in adapter_names(model):
@@ -320,7 +345,12 @@ def import_peft(model: nn.Module, directory: str | Path, name: str | None = None
         if tuple(A.shape) != want_a or tuple(B.shape) != want_b:
             problems.append(f"{hf_path}: A {tuple(A.shape)}, B {tuple(B.shape)} where this model's Linear with "
                             f"r={cfg['r']} needs A {want_a}, B {want_b}")
+        if hf_path in magnitudes and tuple(magnitudes[hf_path].shape) != (linear.out_features,):
+            problems.append(f"{hf_path}: DoRA magnitude {tuple(magnitudes[hf_path].shape)} where this model's "
+                            f"Linear needs ({linear.out_features},)")
         found[ours] = (A, B)
+        if hf_path in magnitudes:
+            magnitudes[ours] = magnitudes.pop(hf_path)
     if problems:
         raise ValueError(f"{weights_file} does not fit this model (made on {base!r}?; {len(problems)} problems): "
                          + "; ".join(problems[:4]))
@@ -331,7 +361,8 @@ def import_peft(model: nn.Module, directory: str | Path, name: str | None = None
         targets = sorted(found)
     init = cfg.get("init_lora_weights", True)
     try:
-        config = LoRAConfig(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0) or 0.0,
+        kind = DoRAConfig if magnitudes else LoRAConfig  # DoRA: LoRA's fields and a magnitude per output feature
+        config = kind(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0) or 0.0,
                             targets=targets, rslora=bool(cfg.get("use_rslora", False)),
                             init="gaussian" if init == "gaussian" else "kaiming")
     except (ValueError, TypeError) as e:
@@ -345,6 +376,8 @@ def import_peft(model: nn.Module, directory: str | Path, name: str | None = None
                 lora = linears[ours].output_deltas[name]
                 lora.A.copy_(A)
                 lora.B.copy_(B)
+                if ours in magnitudes:
+                    lora.m.copy_(magnitudes[ours])
     except Exception:
         delete_adapter(home, name)
         raise
@@ -372,8 +405,8 @@ def _without_base_change(config: LoRAConfig, found: dict, init: str, linears: di
         A0, B0 = initial_lora(linears[path].weight, init, config.r, config.scale)
         plain[path] = as_plain_lora(A, B, A0, B0)
     alpha = config.alpha * (math.sqrt(2) if config.rslora else 2)
-    return LoRAConfig(r=2 * config.r, alpha=alpha, dropout=config.dropout, targets=config.targets,
-                      rslora=config.rslora, init=config.init), plain
+    return type(config)(r=2 * config.r, alpha=alpha, dropout=config.dropout, targets=config.targets,
+                        rslora=config.rslora, init=config.init), plain
 
 
 def _our_linear(hf_path: str, to_ours, modules: dict) -> str | None:
@@ -387,6 +420,151 @@ def _our_linear(hf_path: str, to_ours, modules: dict) -> str | None:
         if isinstance(modules.get(ours), nn.Linear) and not isinstance(modules.get(ours), AdapterModule):
             return ours
     return None
+
+
+# ---- IA³ in peft's format ------------------------------------------------------------------------------------
+# peft stores an IA³ adapter (peft_type "IA3") as one vector per Linear, base_model.model.<path>.ia3_l: (d_out, 1)
+# on a Linear whose output it rescales, (1, d_in) on one in ``feedforward_modules``, whose input it rescales
+# (peft ``IA3Layer``); minipeft's ``IA3Vector`` holds the same l as a (width,) vector on the same side.
+
+IA3_HONOURED = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                "inference_mode", "target_modules", "feedforward_modules", "exclude_modules", "init_ia3_weights"}
+IA3_UNSUPPORTED = {"fan_in_fan_out": False, "modules_to_save": None}
+
+
+def _peft_type(directory: Path) -> str | None:
+    """The ``peft_type`` of a saved peft adapter (None if its config cannot be read: the reader says why)."""
+    try:
+        return json.loads((directory / PEFT_CONFIG_FILE).read_text()).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def export_peft_ia3(model: nn.Module, name: str, directory: str | Path, base_model_name_or_path: str | None = None,
+                    task_type: str | None = "auto") -> Path:
+    """Write IA³ adapter ``name`` as peft's files (``export_peft`` calls it for an IA³ adapter)."""
+    from safetensors.torch import save_file
+
+    home, to_hf, _ = _namer(model)
+    vectors = {p: m for p, m in adapter_modules(home, name).items() if isinstance(m, IA3Vector)}
+    outside = sorted(set(adapter_modules(model, name)) - set(adapter_modules(home, name)))
+    if outside or not vectors:
+        raise ValueError(f"IA³ {name!r} has vectors outside the backbone ({outside[:3]}); peft's files describe "
+                         "IA³ on the transformers model only")
+    linear_of = {p: re.sub(r"\.(output|input)_deltas\.[^.]+$", "", p) for p in vectors}
+    universe = [to_hf(n) for n in _linear_names(home)] + list(HF_ONLY_LINEARS)
+    state, outputs, inputs = {}, [], []
+    for path, m in vectors.items():
+        hf = to_hf(linear_of[path])
+        l = m.l.detach().contiguous().cpu()
+        state[f"{PEFT_PREFIX}{hf}.ia3_l"] = l[:, None] if m.side == "output" else l[None, :]  # peft's shapes
+        (outputs if m.side == "output" else inputs).append(hf)
+    feedforward = compact_targets(inputs, universe) if inputs else []
+    if task_type == "auto":
+        task_type = TASK_TYPES.get(getattr(home, "family", None))
+    peft_config = {  # feedforward_modules ⊆ target_modules, as peft's IA3Config requires
+        "peft_type": "IA3", "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path or _base_model_name(home),
+        "target_modules": (compact_targets(outputs, universe) if outputs else []) + feedforward,
+        "feedforward_modules": feedforward, "init_ia3_weights": True, "inference_mode": True,
+        **IA3_UNSUPPORTED, "exclude_modules": None, "revision": None,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / PEFT_WEIGHTS_FILE), metadata={"format": "pt", "written_by": "minipeft"})
+    (directory / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
+    return directory
+
+
+def _is_feedforward(hf_path: str, feedforward) -> bool:
+    """peft's rule (``IA3Model._check_target_module_feedforward``): a regex string fully matches, or the path ends
+    with one of the listed names."""
+    if isinstance(feedforward, str):
+        return bool(re.fullmatch(feedforward, hf_path))
+    return any(hf_path.endswith(f) for f in feedforward or [])
+
+
+def read_peft_ia3(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """peft's IA³ config and, per transformers module path, its ia3_l; a clear error naming the file otherwise."""
+    from safetensors.torch import load_file
+
+    config_file, weights_file = directory / PEFT_CONFIG_FILE, directory / PEFT_WEIGHTS_FILE
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved peft adapter: expected {PEFT_WEIGHTS_FILE}")
+    cfg = json.loads(config_file.read_text())
+    empty = (None, False, {}, [], "")
+    used = [f"{k}={cfg[k]!r}" for k, default in IA3_UNSUPPORTED.items() if cfg.get(k, default) not in
+            (default, *empty)]
+    unknown = [f"{k}={v!r}" for k, v in cfg.items() if k not in IA3_HONOURED | set(IA3_UNSUPPORTED)
+               and v not in empty]
+    if used or unknown:
+        raise ValueError(f"{config_file} sets {', '.join(used + unknown)}: minipeft's IA³ is one vector per Linear "
+                         "(no extra trained modules, nn.Linear weights); it is not imported")
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as e:  # safetensors' own error types for a truncated / corrupt file
+        raise ValueError(f"{weights_file} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    vectors = {}
+    for key, tensor in tensors.items():
+        found = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.ia3_l(?:\.default)?", key)
+        if not found:
+            raise ValueError(f"{weights_file} holds {key!r}, which is not an IA³ vector of a Linear "
+                             f"({PEFT_PREFIX}<module>.ia3_l)")
+        vectors[found.group(1)] = tensor
+    if not vectors:
+        raise ValueError(f"{weights_file}: no IA³ vectors")
+    return cfg, vectors
+
+
+def import_peft_ia3(model: nn.Module, directory: str | Path, name: str | None = None) -> IA3Config:
+    """Attach the peft IA³ adapter in ``directory`` to ``model`` as minipeft adapter ``name`` (``import_peft`` calls
+    it for peft_type "IA3"). A vector on a feedforward module rescales its Linear's input, any other its output, as
+    peft decides it from ``feedforward_modules``; a file that does not fit the model is a ValueError naming it, and
+    the model is left exactly as it was."""
+    home, _, to_ours = _namer(model)
+    directory = Path(directory)
+    cfg, vectors = read_peft_ia3(directory)
+    name = name or "default"
+    if name in adapter_names(model):
+        raise ValueError(f"an adapter named {name!r} already exists in this model; existing: {adapter_names(model)}")
+    linears = dict(home.named_modules())
+    found, inputs, problems = {}, set(), []
+    for hf_path, l in vectors.items():
+        ours = _our_linear(hf_path, to_ours, linears)
+        if ours is None:
+            problems.append(f"no Linear {hf_path!r} in this model")
+            continue
+        linear, feedforward = linears[ours], _is_feedforward(hf_path, cfg.get("feedforward_modules"))
+        want = (1, linear.in_features) if feedforward else (linear.out_features, 1)
+        if tuple(l.shape) != want:
+            problems.append(f"{hf_path}: ia3_l {tuple(l.shape)} where this model's Linear needs {want} (rescaling "
+                            f"its {'input: a feedforward module' if feedforward else 'output'})")
+        found[ours] = l.reshape(-1)
+        if feedforward:
+            inputs.add(ours)
+    if problems:
+        base = cfg.get("base_model_name_or_path")
+        raise ValueError(f"{directory / PEFT_WEIGHTS_FILE} does not fit this model (made on {base!r}?; "
+                         f"{len(problems)} problems): " + "; ".join(problems[:4]))
+    universe = _linear_names(home)
+    outputs = [p for p in universe if p in found and p not in inputs]
+    ins = [p for p in universe if p in inputs]
+    feedforward = compact_targets(ins, universe) if ins else []
+    config = IA3Config(targets=(compact_targets(outputs, universe) if outputs else []) + feedforward,
+                       feedforward=feedforward)
+    placed = {p: side for p, (_, side) in config.placements(home).items()}
+    if placed != {p: "input" if p in inputs else "output" for p in found}:  # regex-like names: the exact paths
+        config = IA3Config(targets=outputs + ins, feedforward=ins)
+    add_adapter(home, config, name)
+    try:
+        with torch.no_grad():
+            for path, l in found.items():
+                sites = linears[path].input_deltas if path in inputs else linears[path].output_deltas
+                sites[name].l.copy_(l)
+    except Exception:
+        delete_adapter(home, name)
+        raise
+    return config
 
 
 # ---- a transformers model as the encoder of train.SequenceClassifier -------------------------------------------

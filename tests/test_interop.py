@@ -10,7 +10,8 @@ process, on one machine, with one thread count: what differs is only the order o
   LlamaForCausalLM's op order, so with a scale that is a power of two the outputs are bit-identical (the export test).
   Otherwise the one difference is where the scale s multiplies: peft computes (B A x)·s, minipeft B (s·A x) (cheaper,
   on the r-wide intermediate); that is one rounding (≤ 1 ulp) per LoRA output, which 30 layers carry to ≈ 7e-5 on
-  logits of ≈ 30 (≈ 2e-6 of their scale). So the decoder's bound is 1e-5 *relative to the largest logit*.
+  logits of ≈ 30 (≈ 2e-6 of their scale). So the decoder's bound is 1e-5 *relative to the largest logit*. IA³ is
+  the same case: peft computes l ⊙ h, minipeft h + (l − 1) ⊙ h (its Δh form), one rounding per element.
 A dropped scale (α/r vs α/√r), a swapped A/B or a LoRA on the wrong layer moves outputs by ≥ 1e-2 of their scale
 (each test also checks the adapter moves outputs by > 100 × the tolerance).
 Run ``python tests/test_interop.py`` to print the measured differences.
@@ -24,6 +25,9 @@ from helpers import TOL, assert_unchanged, gap, perturb, structure
 from safetensors.torch import load_file, save_file
 
 from minipeft import BottleneckConfig, LoRAConfig, ParallelAdapterConfig, PrefixConfig, add_adapter, train_adapter
+from minipeft.backbones.encoder import Encoder
+from minipeft.methods.dora import DoRAConfig
+from minipeft.methods.ia3 import IA3Config
 from minipeft.api import CONFIG_FILE, LEGACY_CONFIG_FILE, LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, load_adapter, save_adapter
 from minipeft.assets import minilm_path
 from minipeft.backbones.decoder import Decoder, checkpoint_dir, load_decoder_tokenizer
@@ -232,8 +236,11 @@ def _edit_weights(d, edit):
 
 LLAMA_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
 BAD = {
-    "another peft type": (lambda d: _edit_config(d, peft_type="IA3"), "holds a peft 'IA3' adapter"),
-    "DoRA": (lambda d: _edit_config(d, use_dora=True), "use_dora=True, which minipeft's LoRA does not have"),
+    "another peft type": (lambda d: _edit_config(d, peft_type="LOHA"), "holds a peft 'LOHA' adapter"),
+    "DoRA without magnitudes": (lambda d: _edit_config(d, use_dora=True),
+                                "does not match use_dora=True .* one lora_magnitude_vector per LoRA'd Linear"),
+    "an IA³ config over LoRA's": (lambda d: _edit_config(d, peft_type="IA3", feedforward_modules=[]),
+                                  "minipeft's IA³ is one vector per Linear"),
     "a head to save": (lambda d: _edit_config(d, modules_to_save=["classifier"]), "modules_to_save"),
     "another rank": (lambda d: _edit_config(d, r=8), r"does not fit this model .* r=8 needs A \(8, 384\)"),
     "another base model (Llama)": (lambda d: _edit_weights(d, lambda s: {
@@ -275,6 +282,70 @@ def test_import_under_an_existing_name_changes_nothing(model, peft_dir):
     before = structure(model)
     with pytest.raises(ValueError, match="already exists"):
         import_peft(model, peft_dir, "p")
+    assert_unchanged(model, before)
+
+
+# ---- DoRA and IA³: round trips with peft on the real checkpoints -------------------------------------------------
+
+@pytest.mark.parametrize("config", [DoRAConfig(r=4, alpha=8, targets=["q", "v", "ffn_out"]), IA3Config()],
+                         ids=["dora", "ia3"])
+def test_dora_and_ia3_round_trip_with_peft_on_minilm(model, batch, tmp_path, config):
+    """ours -> peft's files -> peft on transformers' BertModel: our outputs; peft's files -> import_peft: the same."""
+    from peft import PeftModel
+
+    add_adapter(model, config, "a")
+    perturb(model, "a", scale=0.1)
+    export_peft(model, "a", tmp_path)
+    theirs = PeftModel.from_pretrained(hf_bert(), str(tmp_path)).eval()
+    ours, real = enc_out(model, batch), batch["attention_mask"]
+    assert gap(ours, bert_out(theirs, batch), real) < INTEROP_TOL
+    assert gap(ours, bert_out(hf_bert(), batch), real) > 100 * INTEROP_TOL
+    theirs.save_pretrained(str(tmp_path / "again"))  # peft's own files, read back into a fresh encoder
+    fresh = Encoder.from_pretrained()
+    imported = import_peft(fresh, tmp_path / "again", "b")
+    assert type(imported) is type(config)
+    assert gap(enc_out(fresh, batch), ours, real) < INTEROP_TOL
+
+
+def test_ia3_on_smollm2_exported_to_peft(heads, tmp_path):
+    from peft import PeftModel
+
+    mine = Decoder.from_pretrained()
+    add_adapter(mine, IA3Config(), "a")  # l_k, l_v, l_ff: peft's Llama default (k_proj, v_proj, down_proj)
+    perturb(mine, "a", scale=0.1)
+    export_peft(mine, "a", tmp_path)
+    cfg = json.loads((tmp_path / PEFT_CONFIG_FILE).read_text())
+    assert cfg["peft_type"] == "IA3" and cfg["feedforward_modules"] == ["down_proj"]
+    assert sorted(cfg["target_modules"]) == ["down_proj", "k_proj", "v_proj"]
+    ours, real = dec_logits(mine, heads), heads["attention_mask"]
+    theirs = llama_logits(PeftModel.from_pretrained(hf_llama(), str(tmp_path)).eval(), heads)
+    size = float(ours[real.bool()].abs().max())
+    print(f"IA³ SmolLM2: ours -> peft max |Δ| = {gap(ours, theirs, real):.2e} (largest logit {size:.1f})")
+    assert gap(ours, theirs, real) < INTEROP_TOL * size  # relative to the largest logit (module docstring)
+
+
+IA3_BAD = {
+    "a vector on the wrong side": (lambda d: _edit_config(d, feedforward_modules=[]), r"ia3_l \(1, 1536\) where"),
+    "fan_in_fan_out": (lambda d: _edit_config(d, fan_in_fan_out=True), "fan_in_fan_out=True"),
+    "a head to save": (lambda d: _edit_config(d, modules_to_save=["classifier"]), "modules_to_save"),
+    "another model": (lambda d: _edit_weights(d, lambda s: {"base_model.model.model.layers.0.mlp.down_proj.ia3_l":
+                                                            torch.ones(1, 1536)}), "no Linear 'model.layers.0"),
+}
+
+
+@pytest.mark.parametrize("case", list(IA3_BAD))
+def test_bad_peft_ia3_input_is_a_clear_error_and_changes_nothing(model, tmp_path, case):
+    from peft import IA3Config as PeftIA3Config
+    from peft import get_peft_model
+
+    d = tmp_path / "adapter"
+    get_peft_model(hf_bert(), PeftIA3Config()).save_pretrained(str(d))
+    spoil, message = IA3_BAD[case]
+    spoil(d)
+    before = structure(model)
+    with pytest.raises(ValueError, match=message) as info:
+        import_peft(model, d)
+    assert str(d) in str(info.value), "the error names the file"
     assert_unchanged(model, before)
 
 
