@@ -1,0 +1,40 @@
+"""How the learning rates of lesson 10's recipes (ia3, dora, bitfit, prompt_tuning) were chosen, on validation.
+
+    .venv/bin/python bench/classification_lr_probe.py question bitfit=1e-3,3e-3,1e-2 prompt_tuning=3e-3,3e-2,3e-1
+
+For each method and learning rate: the course's recipe on MiniLM (seed 0), trained on ``task`` with the lesson's
+budget (``Budget.lesson()``: 2 epochs of 2,000 examples, warm-up and decay) cut to ``--max-train`` examples, then
+the accuracy on the validation split (the 500 examples ``train`` evaluates after each epoch; the test split is not
+read). The highest last-epoch validation accuracy wins. A probe, not a sweep: one seed, a smaller training set,
+so that choosing costs less than the comparison it feeds.
+"""
+import argparse
+import dataclasses
+
+from common import pin_threads
+
+from minipeft.core import get_recipe
+from minipeft.lab.kinds.classification import build_classifier
+from minipeft.lab.train import Budget, train
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("task")
+    p.add_argument("rates", nargs="+", help="method=lr1,lr2,...")
+    p.add_argument("--max-train", type=int, default=1000)
+    args = p.parse_args()
+    pin_threads(2)
+    budget = dataclasses.replace(Budget.lesson(), max_train=args.max_train, max_test=1)
+    print(f"task {args.task}, seed 0, budget {budget}", flush=True)
+    for method, rates in (arg.split("=") for arg in args.rates):
+        spec = get_recipe(method)
+        for lr in map(float, rates.split(",")):
+            r = train(build_classifier(spec, args.task, seed=0), args.task, lr, budget, seed=0, method=method,
+                      config=spec.config, quiet=True)
+            print(f"{method} lr {lr:g}: validation acc {r.val_acc[-1]:.3f} (per epoch {r.val_acc}); "
+                  f"last training losses {[round(x, 2) for x in r.losses[-4:]]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
