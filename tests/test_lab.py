@@ -10,6 +10,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from minipeft.course.widgets import RUN_THIS_CELL
+
 nbclient = pytest.importorskip("nbclient")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,8 +52,10 @@ def test_explorer_cell_builds_the_widget_in_a_kernel(tmp_path):
     assert not [o for o in first if o.output_type == "error"], first
     views = [o for o in first if o.output_type == "display_data" and WIDGET_VIEW in o.data]
     assert len(views) == 1, "explore() in a kernel must display one widget (got the static fallback?)"
-    text = "".join(o.get("text", "") for o in first if o.output_type == "stream")
-    assert "| method | size | trainable |" in text  # the summary table is printed above the widget
+    # where no widget can be drawn (not run, no saved state), one line says what to do, not "VBox(children=...)"
+    assert views[0].data["text/plain"] == RUN_THIS_CELL
+    tables = [o.data["text/markdown"] for o in first if o.output_type == "display_data" and "text/markdown" in o.data]
+    assert tables and tables[0].startswith("| method | size | trainable |")  # a Markdown table above the widget
 
     states = _states(client)
     root = states[views[0].data[WIDGET_VIEW]["model_id"]]

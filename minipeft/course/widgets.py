@@ -110,15 +110,22 @@ def has_widget_frontend() -> bool:
     return shell is not None and hasattr(shell, "kernel")
 
 
+# what a notebook shows for the widget where no widget can be drawn (the kernel not run yet, no saved widget state)
+RUN_THIS_CELL = "▶ Run this cell to open the parameter explorer (it needs a running kernel)."
+
+
 def explore(backbone: str = "MiniLM-L6", static: bool | None = None) -> None:
-    """Print the summary table; then show the widget (Jupyter) or each method's default breakdown (static)."""
-    print(summary_table(backbone))
+    """Show the summary table; then the widget (Jupyter) or each method's default breakdown (static, printed)."""
     if static if static is not None else not has_widget_frontend():
+        print(summary_table(backbone))
         for m in in_lesson_order(ablations=True):
             print("\n" + format_breakdown(breakdown(m, None, backbone)))
         return None
     import ipywidgets as w
     from IPython.display import display
+
+    table = summary_table(backbone)
+    display({"text/markdown": table, "text/plain": table}, raw=True)  # rendered as a table; text where it cannot be
 
     method = w.Dropdown(options=[m for m in in_lesson_order(ablations=True) if RECIPES[m].knob], description="method")
     knob = RECIPES[method.value].knob
@@ -145,6 +152,8 @@ def explore(backbone: str = "MiniLM-L6", static: bool | None = None) -> None:
     size.observe(redraw, "value")
     model.observe(redraw, "value")
     box = w.VBox([w.HBox([method, model]), size, out])
-    display(box)
+    view = box._repr_mimebundle_()  # the widget view, with a one-line note instead of "VBox(children=...)"
+    view["text/plain"] = RUN_THIS_CELL
+    display(view, raw=True)
     redraw()
     return None
