@@ -6,7 +6,7 @@ import nbformat
 import pytest
 
 from minipeft.course.exercises import BEGIN, END, ROOT, build, render, solution_paths, strip_solutions
-from minipeft.course.notebook_runner import execute
+from minipeft.course.notebook_runner import KERNELSPEC, execute, normalise
 
 SOLUTIONS = solution_paths()
 
@@ -80,3 +80,15 @@ def test_hints_are_tiered_and_only_the_last_one_gives_the_code(path):
             assert line in tiers[2][1], f"{path.name} cell {i}: Hint 3 lacks {line!r}"
             assert not any(line in body for _, body in tiers[:2]), f"{path.name} cell {i}: an early hint has {line!r}"
         assert not any("```" in body for _, body in tiers[:2]), f"{path.name} cell {i}: code in Hint 1 or 2"
+
+
+def test_exercises_carry_the_metadata_jupyterlab_writes():
+    """An exercise opens unmodified: JupyterLab rewrites a notebook's kernelspec (and language_info) as soon as its
+    kernel starts, and marks it modified if they differ (docs/check_lab.py checks it in a browser)."""
+    for path in sorted((ROOT / "exercises").glob("*.ipynb")):
+        metadata = nbformat.read(path, as_version=4).metadata
+        assert metadata["kernelspec"] == KERNELSPEC, path.name
+        assert "version" in metadata.get("language_info", {}), path.name
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"display_name": "Python 3", "language": "python",
+                                                           "name": "python3"}})
+    assert normalise(nb) and nb.metadata["kernelspec"] == KERNELSPEC and not normalise(nb)

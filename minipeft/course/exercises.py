@@ -14,6 +14,8 @@ import re
 import sys
 from pathlib import Path
 
+from .notebook_runner import KERNELSPEC
+
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 NOTEBOOK_NAME = re.compile(r"^\d\d_[A-Za-z0-9_]+\.ipynb$")
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,8 +54,10 @@ def make_exercise(solution_nb, name: str):
     import nbformat
 
     nb = copy.deepcopy(solution_nb)
-    nb.metadata = {k: v for k, v in nb.metadata.items() if k in ("kernelspec", "language_info")}
-    nb.metadata.get("language_info", {}).pop("version", None)  # do not depend on the solver's Python
+    # the metadata JupyterLab writes on opening (kernelspec, and language_info as the solution's kernel gave it),
+    # so that an exercise opens unmodified
+    nb.metadata = {k: v for k, v in nb.metadata.items() if k == "language_info"}
+    nb.metadata["kernelspec"] = dict(KERNELSPEC)
     n_regions = 0
     for i, cell in enumerate(nb.cells):
         cell.metadata = {k: v for k, v in cell.metadata.items() if k in ("tags",)}
