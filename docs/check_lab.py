@@ -1,19 +1,30 @@
-"""Check `make lab` as a learner sees it: JupyterLab in a real (headless) browser renders lesson 00's explorer.
+"""Check `make lab` as a learner sees it: JupyterLab in a real (headless) browser opens lesson 00 and renders its
+explorer.
 
     apt-get install -y chromium chromium-driver        # Debian's browser and its driver (once)
     .venv/bin/pip install -e '.[dev,browser]'          # selenium
     .venv/bin/python docs/check_lab.py                 # -> docs/lesson00_explorer.png
 
-Starts JupyterLab (the same flags as `make lab`, offline) on 127.0.0.1 with a random token, serving a temporary
-copy of lesson 00 (so nothing in notebooks/ is ever autosaved), opens it in headless Chromium, runs the explorer
-cell the way a learner does (click it, Shift+Enter), waits for the widget (dropdowns, slider, the per-layer
-counts and bar chart) to render, picks LoRA in the method dropdown, and saves a screenshot. Exits non-zero,
-with what was missing, if the widget does not render. The kernel-side part runs in CI: tests/test_lab.py.
+Starts JupyterLab with `make lab`'s flags (offline; the whole repository served, lesson 00 the default page) on
+127.0.0.1 with a random token, serving a temporary copy of the repository's notebooks/, exercises/ and solutions/
+(so nothing in them is ever autosaved), and in headless Chromium:
+
+1. opens the server's root URL, as the printed one is opened: it must land on lesson 00;
+2. lesson 00 must open unmodified (JupyterLab rewrites nothing once its kernel runs), and so must exercise 00;
+3. the explorer cell, not yet run, shows its saved widget or the one-line "run this cell" note (no
+   ``VBox(children=...)``), and its summary table renders as a table;
+4. runs the explorer cell the way a learner does (click it, Shift+Enter), waits for the widget (dropdowns, slider,
+   the per-layer counts and bar chart), picks LoRA in the method dropdown, and saves a screenshot.
+
+Exits non-zero, saying what was missing. Headless Chromium never has the window focus that JupyterLab's "current
+notebook" follows, so the page is told it has (DevTools' focus emulation). The kernel-side part runs in CI:
+tests/test_lab.py.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -25,11 +36,25 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LESSON = "00_setup_and_baselines.ipynb"
-# what `make lab` passes too (keep the two in step): lab/overrides.json (never ask to fetch news), no news, update
-# or extension-index checks (offline); --allow-root only where one runs as root (containers)
-LAB_FLAGS = [f"--LabApp.app_settings_dir={ROOT / 'lab'}", "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+LESSON = "notebooks/00_setup_and_baselines.ipynb"
+EXERCISE = "exercises/00_counting_costs.ipynb"
+FOLDERS = ("notebooks", "exercises", "solutions")  # what the learner opens (make lab serves the whole repository)
+# what `make lab` passes too (checked against the Makefile below): the repository's root served, lesson 00 opened
+# (also the URL printed with --no-browser), lab/overrides.json (never ask to fetch news; save widget state), no
+# news, update or extension-index checks (offline); --allow-root only where one runs as root (containers)
+LAB_FLAGS = [f"--LabApp.default_url=/lab/tree/{LESSON}", f"--LabApp.app_settings_dir={ROOT / 'lab'}",
+             "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
              "--LabApp.extension_manager=readonly"] + (["--allow-root"] if os.geteuid() == 0 else [])
+
+
+def _check_makefile_flags() -> None:
+    """`make lab` runs with the flags this script checks (root_dir is the served folder: here a copy)."""
+    text = (ROOT / "Makefile").read_text().replace("$(CURDIR)", str(ROOT)).replace("\\\n", " ")
+    lesson = re.search(r"^LESSON00 := (.+)$", text, re.M)
+    text = text.replace("$(LESSON00)", lesson.group(1).strip() if lesson else "?")
+    missing = [f for f in LAB_FLAGS if f != "--allow-root" and f not in text]
+    if missing or f"--ServerApp.root_dir={ROOT}" not in text:
+        raise SystemExit(f"the Makefile's lab target lacks {missing or ['--ServerApp.root_dir=$(CURDIR)']}")
 
 
 def _free_port() -> int:
@@ -72,7 +97,10 @@ def _browser(width: int, height: int):
         opts.add_argument(flag)
     opts.add_argument(f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}")
     driver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    return webdriver.Chrome(service=Service(driver), options=opts)
+    browser = webdriver.Chrome(service=Service(driver), options=opts)
+    # JupyterLab's current notebook follows the focus, which a headless window never gets: pretend it has it
+    browser.execute_cdp_cmd("Emulation.setFocusEmulationEnabled", {"enabled": True})
+    return browser
 
 
 def _wait(driver, what: str, script: str, timeout: float, *args):
@@ -114,6 +142,24 @@ return !!(w && w.content && w.content.widgets && w.content.widgets.length > 0 &&
           && w.sessionContext.session && w.sessionContext.session.kernel
           && w.sessionContext.session.kernel.status === 'idle');
 """
+OPENED = """
+const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+return w && w.context ? w.context.path : null;
+"""
+OPENED_IDLE = """
+const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+return !!(w && w.context && w.context.path === arguments[0] && w.sessionContext && w.sessionContext.session
+          && w.sessionContext.session.kernel && w.sessionContext.session.kernel.status === 'idle');
+"""
+DIRTY = "return window.jupyterapp.shell.currentWidget.model.dirty;"
+OPEN = "window.jupyterapp.commands.execute('docmanager:open', {path: arguments[0]});"
+EXPLORER_BEFORE_RUN = """
+const nb = window.jupyterapp.shell.currentWidget.content;
+const cell = nb.widgets[arguments[0]].node;
+return {table: cell.querySelectorAll('.jp-RenderedMarkdown table').length,
+        widget: cell.querySelectorAll('.jp-OutputArea-output .widget-dropdown select').length,
+        text: (cell.querySelector('.jp-OutputArea') || {}).innerText || ''};
+"""
 FIND_AND_SHOW_CELL = """
 const nb = window.jupyterapp.shell.currentWidget.content;
 const i = nb.widgets.findIndex(c => c.model.type === 'code'
@@ -148,13 +194,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "lesson00_explorer.png")
     ap.add_argument("--timeout", type=float, default=240, help="seconds for each wait (kernel, widget)")
-    ap.add_argument("--size", default="1280x1200", help="browser window, WxH")
+    ap.add_argument("--size", default="1280x1600", help="browser window, WxH (the table, the widget and its chart)")
+    ap.add_argument("--root", type=Path, default=ROOT, help="the checkout whose notebooks are served (a copy)")
     args = ap.parse_args()
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
 
+    _check_makefile_flags()
     workdir = Path(tempfile.mkdtemp(prefix="minipeft-lab-"))
-    shutil.copy(ROOT / "notebooks" / LESSON, workdir / LESSON)
+    for folder in FOLDERS:
+        shutil.copytree(args.root / folder, workdir / folder, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     port, token = _free_port(), secrets.token_hex(16)
     log = open(workdir / "jupyter.log", "w")
     lab = _start_lab(workdir, port, token, log)
@@ -163,11 +212,23 @@ def main() -> int:
     try:
         driver = _browser(width, height)
         t0 = time.time()
-        driver.get(f"http://127.0.0.1:{port}/lab/tree/{LESSON}?token={token}")
-        _wait(driver, "JupyterLab to open lesson 00 with an idle kernel", NOTEBOOK_READY, args.timeout)
+        driver.get(f"http://127.0.0.1:{port}/?token={token}")  # the server's root, as the printed URL is opened
+        _wait(driver, "JupyterLab to open a notebook with an idle kernel", NOTEBOOK_READY, args.timeout)
+        if driver.execute_script(OPENED) != LESSON:
+            raise SystemExit(f"the root URL opened {driver.execute_script(OPENED)!r}, not {LESSON}")
+        time.sleep(3)  # JupyterLab writes the kernel's metadata into the model once the kernel is up
+        if driver.execute_script(DIRTY):
+            raise SystemExit(f"{LESSON} is marked modified as soon as it opens: its kernelspec or language_info is "
+                             "not what JupyterLab writes (python -m minipeft.course.notebook_runner normalise)")
         index = driver.execute_script(FIND_AND_SHOW_CELL)
         if index < 0:
             raise SystemExit(f"{LESSON}: no cell imports minipeft.course.widgets and calls explore()")
+        before = driver.execute_script(EXPLORER_BEFORE_RUN, index)
+        if "VBox(" in before["text"] or not (before["widget"] or "Run this cell" in before["text"]):
+            raise SystemExit("the explorer, not yet run, shows neither its saved widget nor the 'run this cell' "
+                             f"note: {before['text'][-300:]!r}")
+        if before["text"] and not before["table"] and "| method |" in before["text"]:
+            raise SystemExit("the explorer's summary table shows as raw pipes, not as a table")
         # run it as a learner does: click the cell's prompt area (command mode), then Shift+Enter
         cell = driver.execute_script(CELL_NODE, index)
         prompt = cell.find_element("css selector", ".jp-InputPrompt")
@@ -182,11 +243,21 @@ def main() -> int:
         driver.execute_script("arguments[0].value = 'lora'; arguments[0].dispatchEvent(new Event('change', {bubbles: true}))", method)
         _wait(driver, "the redraw after choosing lora", WIDGET_RENDERED, args.timeout, index,
               "lora on MiniLM-L6 (rank r = 8)")
+        if not driver.execute_script(EXPLORER_BEFORE_RUN, index)["table"]:
+            raise SystemExit("the explorer's summary table shows as raw pipes, not as a table")
         driver.execute_script(SHOW_CELL, index)
         png = _settled_screenshot(driver, args.timeout, index)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_bytes(png)
-        print(f"widget rendered and redrawn in {time.time() - t0:.0f} s; screenshot: {args.out}")
+        shown = "its saved widget" if before["widget"] else "the run-this-cell note"
+        print(f"lesson 00 opened from the root URL, unmodified, showing {shown} before running; widget rendered "
+              f"and redrawn in {time.time() - t0:.0f} s; screenshot: {args.out}")
+        driver.execute_script(OPEN, EXERCISE)
+        _wait(driver, f"JupyterLab to open {EXERCISE} with an idle kernel", OPENED_IDLE, args.timeout, EXERCISE)
+        time.sleep(3)
+        if driver.execute_script(DIRTY):
+            raise SystemExit(f"{EXERCISE} is marked modified as soon as it opens")
+        print(f"{EXERCISE} opens unmodified")
         return 0
     finally:
         if driver is not None:
