@@ -117,8 +117,10 @@ def bitfit_attention_count(d: int, L: int, w: int) -> int:
     return L * 2 * (d + w)
 
 
+# lr: chosen on question's validation split among 1e-3, 3e-3, 1e-2 (bench/classification_lr_probe.py,
+# results/lesson10/lr_probe.txt)
 register_recipe(Recipe.adapter(
-    "bitfit", lesson="10", lr=1e-3, make=lambda targets: BitFitConfig(targets=None if targets == "all" else
+    "bitfit", lesson="10", lr=1e-2, make=lambda targets: BitFitConfig(targets=None if targets == "all" else
                                                                       list(targets.split("+"))),
     knob=Knob("biases", ("q+ffn_in", "all"), "all"), order=2,
     description="BitFit (Ben Zaken et al. 2022): every bias term of the encoder, L·(7d + f) + d; merges"))

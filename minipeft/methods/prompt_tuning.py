@@ -69,13 +69,15 @@ class SoftPrompt(AdapterModule):
         self.length = config.length
         words = input_embedding(backbone)  # (V, d), frozen
         self.weight = nn.Parameter(torch.empty(config.length, words.shape[1], device=words.device, dtype=words.dtype))
+        if words.is_meta:  # shapes only (counting on the meta device): nothing to initialise from
+            return
         with torch.no_grad():
             if config.init == "random":
                 nn.init.uniform_(self.weight, -0.5, 0.5)  # Lester et al. 2021, §3.2 "random uniform"
             else:
                 ids = config.init_tokens
                 if ids is None:
-                    ids = torch.randperm(min(SAMPLED_VOCAB, words.shape[0]))[:config.length].tolist()
+                    ids = torch.randperm(min(SAMPLED_VOCAB, words.shape[0]), device="cpu")[:config.length].tolist()
                 if len(ids) > words.shape[0] or min(ids) < 0 or max(ids) >= words.shape[0]:
                     raise ValueError(f"init_tokens must be token ids in [0, {words.shape[0] - 1}] (and l ≤ the "
                                      f"vocabulary); got {min(ids)}..{max(ids)} for l={config.length}")
@@ -103,6 +105,8 @@ def prompt_tuning_count(d: int, l: int) -> int:
     return l * d
 
 
+# lr: chosen on question's validation split among 3e-3, 3e-2, 3e-1 (bench/classification_lr_probe.py,
+# results/lesson10/lr_probe.txt)
 register_recipe(Recipe.adapter(
     "prompt_tuning", lesson="10", lr=3e-2, make=lambda l: PromptTuningConfig(length=l),
     knob=Knob("soft tokens l", (1, 5, 10, 20, 50, 100), 20), order=3,
