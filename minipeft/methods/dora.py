@@ -109,9 +109,10 @@ def dora_qv_count(d: int, L: int, w: int, r: int) -> int:
     return lora_qv_count(d, L, w, r) + L * (d + w)
 
 
-# learning rate: provisional (LoRA's recipe's); to be chosen on validation
+# learning rate: chosen on question's validation split among 2e-3 (LoRA's recipe's) and 5e-3
+# (bench/classification_lr_probe.py, results/lesson10/lr_probe.txt)
 register_recipe(Recipe.adapter(
-    "dora", lesson="10", lr=2e-3, make=lambda r: DoRAConfig(r=r, alpha=2 * r, targets=["q", "v"]),
+    "dora", lesson="10", lr=5e-3, make=lambda r: DoRAConfig(r=r, alpha=2 * r, targets=["q", "v"]),
     knob=Knob("rank r", (1, 2, 4, 8, 16, 32, 64), 8), order=2,
     description="DoRA r=8, alpha=16 on W_q, W_v (Liu et al. 2024): LoRA on the direction, a learned magnitude; "
                 "L·2·(r(d + d) + d), mergeable"))
