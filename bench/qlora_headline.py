@@ -4,6 +4,7 @@ every block, ``minipeft.methods.qlora``), the same learning rate, budget and see
 
     .venv/bin/python bench/qlora_headline.py probe 1e-3,3e-3   # the learning rate, on validation (fp32 twin)
     .venv/bin/python bench/qlora_headline.py run --seeds 0 1 2  # the runs -> results/qlora/comparison.json (.md, .png)
+    .venv/bin/python bench/qlora_headline.py run --methods qlora --seeds 1 2 --add   # more runs into the record
     .venv/bin/python bench/qlora_headline.py summary            # ROUGE-L paired test, memory and step-time ratios
 
 ``probe``: as ``bench/headline_lr_probe.py`` (12 steps of 8 training articles, then the masked LM loss on 32
@@ -96,16 +97,25 @@ def headline_runs(budget: Budget) -> list[Result]:
     return [Result.from_dict(d) for d in record["results"] if d["method"] in ("zero_shot", "lora")]
 
 
-def run(seeds: list[int]) -> None:
+def run(seeds: list[int], methods: list[str], add: bool) -> None:
+    """Each method per seed (seed-major); ``add``: keep the runs already in results/qlora (a run made again
+    replaces its earlier one)."""
     from minipeft.lab.generation_train import train_lm
 
     budget, started = Budget.generation(), machine()
     command = "python bench/qlora_headline.py " + shlex.join(sys.argv[1:])
     copied = headline_runs(budget)
     results: list[Result] = []
-    planned = len(seeds) * len(METHODS)
+    if add and (OUT / "comparison.json").exists():
+        record = read_record(OUT / "comparison.json")
+        if record["budget"] != asdict(budget):
+            raise ValueError(f"--add: {OUT / 'comparison.json'} has another budget")
+        again = {(m, s) for m in methods for s in seeds}
+        results = [Result.from_dict(d) for d in record["results"]
+                   if d["method"] in METHODS and (d["method"], d["seed"]) not in again]
+    planned = len(results) + len(seeds) * len(methods)
     for seed in seeds:
-        for method in METHODS:
+        for method in methods:
             model = build(method, seed)
             config = {**asdict(qlora_config(model)), "quantized": METHODS[method]}
             r = train_lm(model, "headline", LR, budget, seed, method, config, quiet=True)
@@ -116,23 +126,35 @@ def run(seeds: list[int]) -> None:
             del model
 
 
-def summary() -> dict:
+def summary(write: bool = True) -> dict:
+    """QLoRA against each fp32 LoRA in the record (its twin ``lora_all``; the headline's ``lora`` on W_q, W_v), on
+    the seeds both have: the paired ROUGE-L test, and the ratios of the medians of s/step and of the measured
+    training memory (each run's peak RSS rise, ``train.PeakMemory``). Written to results/qlora/summary.json."""
     from minipeft.lab.generation_tasks import rouge_per_example
     from minipeft.lab.stats import compare_scores
 
     record = read_record(OUT / "comparison.json")
-    runs = {m: {d["seed"]: d for d in record["results"] if d["method"] == m} for m in METHODS}
-    seeds = sorted(set(runs["qlora"]) & set(runs["lora_all"]))
+    runs: dict[str, dict[int, dict]] = {}
+    for d in record["results"]:
+        runs.setdefault(d["method"], {})[d["seed"]] = d
     per = lambda d: rouge_per_example(d["test_predictions"], record["test_labels"])["rougeL"]  # noqa: E731
-    c = compare_scores([per(runs["qlora"][s]) for s in seeds], [per(runs["lora_all"][s]) for s in seeds])
-    med = lambda m, k: statistics.median(runs[m][s][k] for s in seeds)  # noqa: E731
-    out = {"seeds": seeds, "rougeL": {m: [runs[m][s]["test_acc"] for s in seeds] for m in METHODS},
-           "paired": {"difference": c.difference, "low": c.low, "high": c.high, "p_t": c.p_t, "verdict": c.verdict},
-           "step_time_ratio": med("qlora", "sec_per_step") / med("lora_all", "sec_per_step"),
-           "memory_ratio": med("qlora", "peak_memory_mb") / med("lora_all", "peak_memory_mb"),
-           "sec_per_step": {m: med(m, "sec_per_step") for m in METHODS},
-           "peak_memory_mb": {m: med(m, "peak_memory_mb") for m in METHODS}}
+    out = {}
+    for other in ("lora_all", "lora"):
+        seeds = sorted(set(runs.get("qlora", {})) & set(runs.get(other, {})))
+        if not seeds:
+            continue
+        c = compare_scores([per(runs["qlora"][s]) for s in seeds], [per(runs[other][s]) for s in seeds])
+        med = lambda m, k: statistics.median(runs[m][s][k] for s in seeds)  # noqa: E731
+        out[f"qlora vs {other}"] = {
+            "seeds": seeds, "rougeL": {m: [runs[m][s]["test_acc"] for s in seeds] for m in ("qlora", other)},
+            "paired": {"difference": c.difference, "low": c.low, "high": c.high, "p_t": c.p_t, "verdict": c.verdict},
+            "sec_per_step": {m: med(m, "sec_per_step") for m in ("qlora", other)},
+            "peak_memory_mb": {m: med(m, "peak_memory_mb") for m in ("qlora", other)},
+            "step_time_ratio": med("qlora", "sec_per_step") / med(other, "sec_per_step"),
+            "memory_ratio": med("qlora", "peak_memory_mb") / med(other, "peak_memory_mb")}
     print(json.dumps(out, indent=1))
+    if write:
+        (OUT / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 
@@ -142,8 +164,11 @@ def main(argv):
     ap.add_argument("what", choices=["probe", "run", "summary"])
     ap.add_argument("rates", nargs="?", default="1e-3,3e-3")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    ap.add_argument("--add", action="store_true", help="keep the runs results/qlora already holds")
     args = ap.parse_args(argv)
-    {"probe": lambda: probe(args.rates), "run": lambda: run(args.seeds), "summary": summary}[args.what]()
+    {"probe": lambda: probe(args.rates), "run": lambda: run(args.seeds, args.methods, args.add),
+     "summary": summary}[args.what]()
 
 
 if __name__ == "__main__":

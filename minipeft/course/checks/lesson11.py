@@ -55,11 +55,22 @@ def _mistakes(w: torch.Tensor) -> list[tuple[torch.Tensor, str]]:
 
 
 def _bnb_codes(w: torch.Tensor) -> torch.Tensor | None:
+    """bitsandbytes' packed NF4 codes for ``w`` (None where it is not installed); its notes about optional GPU
+    kernels it cannot fetch offline are kept out of the learner's output."""
+    import contextlib
+    import io
+    import logging
+
+    logging.disable(logging.WARNING)
     try:
-        import bitsandbytes.functional as bnb
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            import bitsandbytes.functional as bnb
+
+            packed, _ = bnb.quantize_4bit(w.view(-1, 1).clone(), quant_type="nf4", compress_statistics=False)
     except ImportError:
         return None
-    packed, _ = bnb.quantize_4bit(w.view(-1, 1).clone(), quant_type="nf4", compress_statistics=False)
+    finally:
+        logging.disable(logging.NOTSET)
     return packed.view(-1)
 
 
