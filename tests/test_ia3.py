@@ -2,6 +2,8 @@
 (both ways: ours exported to peft, peft's saved adapter imported into ours), its closed-form count against numel on
 MiniLM, SmolLM2 and a BERT-base-sized encoder, the fold into the weights, and clear errors that change nothing.
 (The conformance suite, tests/test_conformance.py, runs its examples on every backbone.)"""
+import copy
+
 import pytest
 import torch
 from helpers import HF_TWINS, TOL, assert_unchanged, gap, perturb, structure, tiny_batch
@@ -191,3 +193,52 @@ def test_a_config_that_does_not_fit_the_model_changes_nothing(model, config, mes
     with pytest.raises(ValueError, match=message):
         add_adapter(model, config, "a")
     assert_unchanged(model, before)
+
+
+# ---- the input site (core.add_input_delta) and IA³ on a model minipeft did not write ------------------------------
+
+def test_input_site_reads_x_plus_delta_by_position_or_keyword_and_goes_with_its_last_delta():
+    from minipeft.core import add_input_delta, remove_input_delta
+
+    torch.manual_seed(0)
+    linear, x = nn.Linear(4, 3), torch.randn(2, 4)
+    expected = linear(x)
+    vector = IA3Vector("a", linear, "input")
+    with torch.no_grad():
+        vector.l.copy_(torch.tensor([0.5, 2.0, 1.0, -1.0]))
+    add_input_delta(linear, "a", vector)
+    scaled = nn.functional.linear(vector.l.detach() * x, linear.weight, linear.bias)
+    assert torch.allclose(linear(x), scaled) and torch.allclose(linear(input=x), scaled)
+    vector.active = False
+    assert torch.equal(linear(x), expected)
+    remove_input_delta(linear, "a")
+    assert not hasattr(linear, "input_deltas") and not linear._forward_pre_hooks
+    with pytest.raises(TypeError, match="first layer instead"):
+        add_input_delta(nn.Sequential(linear), "a", vector)
+
+
+def test_ia3_by_name_on_a_transformers_bert_equals_peft_default(tmp_path):
+    """IA³ attached by module name to transformers' BertModel itself (no minipeft backbone) = peft's default."""
+    from peft import IA3Config as PeftIA3Config
+    from peft import get_peft_model
+
+    make, hf_output, _ = HF_TWINS["bert"]
+    torch.manual_seed(0)
+    hf, batch = make().eval(), tiny_batch(twins("bert")[1])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ours = copy.deepcopy(hf)
+    theirs = get_peft_model(hf, PeftIA3Config())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "ia3_l" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    add_adapter(ours, IA3Config(targets=["key", "value", "output.dense"], feedforward=["output.dense"]), "a")
+    vectors = {n.replace("base_model.model.", "").replace(".ia3_l.default", ""): p for n, p in
+               theirs.named_parameters() if "ia3_l" in n}
+    with torch.no_grad():
+        for path, vector in adapter_modules(ours, "a").items():
+            vector.l.copy_(vectors[path.rsplit("_deltas.", 1)[0].rsplit(".", 1)[0]].reshape(-1))
+        mine, peft_out = (hf_output(m(input_ids=ids, attention_mask=mask)) for m in (ours, theirs.eval()))
+    assert len(vectors) == len(adapter_modules(ours, "a")) == 8
+    assert gap(mine, peft_out, mask) < TOL
