@@ -164,9 +164,10 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.bar(i + 0.2, x["training"], 0.38, bottom=x["weights"], color="white", hatch="//", edgecolor="black",
                    label="measured (weights, then the training peak)" if i == 0 else None)
         ax.set_xticks(range(len(rs)), [f"{r['method']}\n{'ckpt' if r['checkpointing'] else ''}" for r in rs])
-        ax.set_title(f"{title}, batch {rs[0]['batch']} × {rs[0]['length']}: model (left) vs measured (right)")
+        ax.set_title(f"{title}, batch {rs[0]['batch']} × {rs[0]['length']}")
         ax.set_ylabel("MiB")
     axes[0].legend(fontsize=8)
+    fig.suptitle("Training memory per configuration: the model's four terms (left bar) vs measured (right bar)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -177,7 +178,11 @@ def main(argv):
     ap.add_argument("--child", nargs=3)
     ap.add_argument("--only", choices=sorted(SHAPES))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--plot", action="store_true", help="redraw the figure from results/memory/memory.json")
     args = ap.parse_args(argv)
+    if args.plot:
+        plot(json.loads((OUT / "memory.json").read_text())["rows"], OUT / "memory.png")
+        return
     if args.child:
         family, method, ckpt = args.child
         print(json.dumps(child(family, method, bool(int(ckpt)), args.threads)))
