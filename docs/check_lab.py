@@ -210,6 +210,10 @@ def main() -> int:
     width, height = (int(v) for v in args.size.split("x"))
     driver = None
     try:
+        log.flush()
+        printed = f"/lab/tree/{LESSON}?token="  # what --no-browser prints to open (a token given is shown as ...)
+        if printed not in (workdir / "jupyter.log").read_text():
+            raise SystemExit(f"jupyter lab --no-browser did not print lesson 00's URL (…{printed[:40]}…)")
         driver = _browser(width, height)
         t0 = time.time()
         driver.get(f"http://127.0.0.1:{port}/?token={token}")  # the server's root, as the printed URL is opened
