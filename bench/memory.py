@@ -135,7 +135,8 @@ def line(r: dict) -> str:
     m, x = r["model_mib"], r["measured_mib"]
     state = m["gradients"] + m["optimizer"] + m["activations"]
     return (f"{r['family']:>5} {r['method']:>5} {'ckpt' if r['checkpointing'] else '    '} | weights model "
-            f"{m['weights']:7.1f} measured {x['weights']:7.1f} | grads {m['gradients']:6.1f} adam {m['optimizer']:6.1f} "
+            f"{m['weights']:7.1f} measured {x['weights']:7.1f} | grads {m['gradients']:6.1f} "
+            f"adam {m['optimizer']:6.1f} "
             f"activations {m['activations']:7.1f} = training model {state:7.1f} measured {x['training']:7.1f} "
             f"(ratio {x['training'] / state:.2f})")
 

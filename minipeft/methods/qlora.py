@@ -20,7 +20,8 @@ from .lora import LoRAConfig
 
 RANK, ALPHA = 8, 16
 # learning rate on the headline task: the lower validation loss of 1e-3 and 3e-3 for this adapter on the fp32
-# decoder (bench/qlora_headline.py probe: 3.217 vs 3.367; results/qlora/lr_probe.txt); QLoRA trains with its fp32 twin's rate
+# decoder (bench/qlora_headline.py probe: 3.217 vs 3.367; results/qlora/lr_probe.txt); QLoRA trains with its
+# fp32 twin's rate
 LR = 3e-3
 
 
