@@ -230,8 +230,8 @@ def read_peft_lora(directory: str | Path) -> tuple[dict, dict[str, tuple[torch.T
         raise ValueError(f"{config_file} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
         kind = cfg.get("peft_type") if isinstance(cfg, dict) else None
-        raise ValueError(f"{config_file} holds a peft {kind!r} adapter; import_peft reads LoRA adapters only "
-                         "(peft_type 'LORA')")
+        raise ValueError(f"{config_file} holds a peft {kind!r} adapter; import_peft reads peft_type 'LORA' (LoRA, "
+                         "DoRA), 'IA3' and 'PROMPT_TUNING' adapters")
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in cfg:
             raise ValueError(f"{config_file} lacks {key!r}; a peft LoRA config has r, lora_alpha, target_modules")
