@@ -148,3 +148,15 @@ def test_token_ids_outside_the_vocabulary_change_nothing():
     with pytest.raises(ValueError, match=r"token ids in \[0, 299\]"):
         add_adapter(model, PromptTuningConfig(length=2, init_tokens=[5, 300]), "a")
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("family", list(REGISTRY))
+def test_soft_tokens_count_against_the_context(family):
+    """l + n positions must fit: a clear error, not an index error deep in a position table."""
+    model = build(family)
+    add_adapter(model, PromptTuningConfig(length=10, init="random"), "p")
+    limit = model.cfg.max_position - getattr(model.cfg, "position_offset", 0)
+    fits = padded_tokens(model.cfg, limit - 10, (0,))
+    assert run(model, fits).shape[1] == limit - 10
+    with pytest.raises(ValueError, match=rf"after 10 soft tokens .prompt tuning. exceed the context of {limit}"):
+        run(model, padded_tokens(model.cfg, limit - 9, (0,)))

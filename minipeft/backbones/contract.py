@@ -419,6 +419,13 @@ class Backbone(nn.Module):
             return sum(p.numel() for p in type(self)(self.cfg).parameters())
 
 
+def check_prompt_length(n_prompt: int, n_tokens: int, limit: int) -> None:
+    """l soft tokens (prompt tuning) take positions too: l + n must fit the backbone's ``limit`` positions."""
+    if n_prompt and n_prompt + n_tokens > limit:
+        raise ValueError(f"{n_tokens} tokens after {n_prompt} soft tokens (prompt tuning) exceed the context of "
+                         f"{limit} positions: shorten the input (at most {limit - n_prompt} tokens) or the prompt")
+
+
 def find_backbone(model: nn.Module) -> Backbone:
     """The backbone: the model itself, or its ``.backbone`` / ``.encoder`` (a task model wrapping one)."""
     for candidate in (model, getattr(model, "backbone", None), getattr(model, "encoder", None)):

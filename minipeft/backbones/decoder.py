@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .contract import (AttentionLayout, Backbone, Site, causal_key_masks, check_decoder_config, prefix_keys,
-                       prefixed_keys_values)
+from .contract import (AttentionLayout, Backbone, Site, causal_key_masks, check_decoder_config,
+                       check_prompt_length, prefix_keys, prefixed_keys_values)
 from .registry import BackboneEntry, register_backbone
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -250,6 +250,7 @@ class Decoder(Backbone):
         x = self.embed(input_ids)  # (B, T, d)
         # prompt tuning: soft tokens in front on the first call (a cache holds them after), real tokens after them
         x, mask, n_prompt = self.prepend_prompts(x, mask) if first else (x, mask, 0)
+        check_prompt_length(n_prompt, input_ids.shape[1], self.cfg.max_position)
         # real tokens sit at positions 0..n-1 whatever the padding (l..l+n-1 after l soft tokens); padding gets 0
         # (its output is unused)
         positions = (past.sum(1, keepdim=True) + mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..assets import load_tokenizer
-from .contract import ACTIVATIONS, AttentionLayout, Backbone, FeedForward, Site
+from .contract import ACTIVATIONS, AttentionLayout, Backbone, FeedForward, Site, check_prompt_length
 from .registry import BackboneEntry, register_backbone
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
@@ -201,6 +201,7 @@ class Encoder(Backbone):
             token_type_ids = torch.zeros_like(input_ids)
         soft = self.soft_tokens(input_ids.shape[0], attention_mask)  # prompt tuning: (P, real) or None
         n_prompt = 0 if soft is None else soft[0].shape[1]
+        check_prompt_length(n_prompt, input_ids.shape[1], self.cfg.max_position - self.cfg.position_offset)
         if soft is not None:
             attention_mask = torch.cat([soft[1], attention_mask], dim=1)  # (B, l + T)
         x = self.embed(input_ids, attention_mask.long(), token_type_ids, None if soft is None else soft[0])

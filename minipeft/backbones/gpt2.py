@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contract import (ACTIVATIONS, AttentionLayout, Backbone, FeedForward, Site, causal_key_masks,
-                       check_decoder_config, prefix_keys, prefixed_keys_values)
+                       check_decoder_config, check_prompt_length, prefix_keys, prefixed_keys_values)
 from .decoder import Decoder, KVCache, LayerKV
 from .registry import BackboneEntry, register_backbone
 
@@ -166,6 +166,7 @@ class GPT2(Backbone):
         words = self.embed(input_ids)  # (B, T, d)
         # prompt tuning: soft tokens in front of the word embeddings on the first call, real tokens after them
         words, mask, n_prompt = self.prepend_prompts(words, mask) if first else (words, mask, 0)
+        check_prompt_length(n_prompt, input_ids.shape[1], self.cfg.max_position)
         positions = (past.sum(1, keepdim=True) + mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
         masks = causal_key_masks(mask, past)
         # e = W_e[ids] + W_p[positions]  (Radford et al. 2018, §3.1)
