@@ -7,7 +7,7 @@ A kind states its tasks, the methods it compares and how it checks them, its bud
 (the model built around the backbone, its batches and loss, through the one loop ``minipeft.lab.train.run_epochs``),
 the test references its predictions are scored against (paired tests), and its record's table and plot.
 compare, report, transfer and the CLI ask ``kind_of(task)``; nothing else tests a task's name. A new kind is one
-file here that calls ``register_kind`` and is imported at the bottom of this one.
+file here that calls ``register_kind``: importing this package imports every file in it.
 """
 from __future__ import annotations
 
@@ -82,4 +82,12 @@ def check_runs(methods, tasks) -> None:
         kind_of(task).check_methods(list(methods), task)
 
 
-from . import classification, generation  # noqa: E402,F401  (each registers its kind)
+def _register_every_kind() -> None:
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):  # classification, generation, ...: each registers its kind
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_register_every_kind()
