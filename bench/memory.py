@@ -65,7 +65,7 @@ def trim() -> None:
 def build(family: str, method: str):
     from minipeft import LoRAConfig, add_adapter, train_adapter
     from minipeft.backbones import REGISTRY
-    from minipeft.methods.qlora import prepare_qlora
+    from minipeft.lab.qlora import prepare_qlora
 
     model = REGISTRY[family].cls.from_pretrained().train()
     if method == "full":

@@ -1,5 +1,5 @@
 """QLoRA against LoRA on the fp32 decoder on the headline task: the same adapter (LoRA r=8, α=16 on every linear of
-every block, ``minipeft.methods.qlora``), the same learning rate, budget and seeds; only the stored weights differ
+every block, ``minipeft.lab.qlora``), the same learning rate, budget and seeds; only the stored weights differ
 (NF4 with double quantization vs fp32).
 
     .venv/bin/python bench/qlora_headline.py probe 1e-3,3e-3   # the learning rate, on validation (fp32 twin)
@@ -33,7 +33,7 @@ from minipeft.backbones.decoder import Decoder
 from minipeft.lab.compare import machine, write_results
 from minipeft.lab.records import read_record
 from minipeft.lab.train import Budget, Result, seed_everything
-from minipeft.methods.qlora import LR, prepare_qlora, qlora_config
+from minipeft.lab.qlora import LR, prepare_qlora, qlora_config
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "qlora"

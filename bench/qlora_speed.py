@@ -23,7 +23,7 @@ from minipeft.backbones.decoder import Decoder
 from minipeft.lab.generation_tasks import load_headline
 from minipeft.lab.generation_train import decoder_tokenizer, lm_collate, lm_examples, lm_loss
 from minipeft.lab.train import Budget
-from minipeft.methods.qlora import prepare_qlora
+from minipeft.lab.qlora import prepare_qlora
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "qlora" / "speed.json"
 

@@ -8,6 +8,9 @@ The recipe keeps the course's LoRA size (r = 8, α = 16, the headline LoRA's) so
 the stored weights and the targets; ``prepare_qlora(model, quantize=False)`` is the same adapter on the fp32
 backbone, the twin QLoRA is compared with (``bench/qlora_headline.py``). Parameters trained:
 Σ over the block linears of r(d_in + d_out) (``lora.lora_count`` per linear).
+
+QLoRA is no new method (its adapter is LoRA's) but a way to train one: a recipe that changes the backbone's
+stored weights, so it lives in the harness, beside fusion's (``transfer.py``), and uses the verbs of ``api``.
 """
 from __future__ import annotations
 
@@ -15,8 +18,8 @@ from torch import nn
 
 from ..api import add_adapter, train_adapter
 from ..core import Recipe, register_recipe
+from ..methods.lora import LoRAConfig
 from ..quant import block_linears, quantize_linears
-from .lora import LoRAConfig
 
 RANK, ALPHA = 8, 16
 # learning rate on the headline task: the lower validation loss of 1e-3 and 3e-3 for this adapter on the fp32
