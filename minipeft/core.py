@@ -23,7 +23,7 @@ from typing import Callable, ClassVar
 
 from torch import nn
 
-from .backbones.contract import ROLES, ROUTES, Backbone, find_backbone, routed_rows  # noqa: F401  (re-exported)
+from .backbones.contract import ROLES, Backbone, add_deltas, find_backbone  # noqa: F401  (re-exported for methods)
 
 
 class AdapterModule(nn.Module):
@@ -277,41 +277,48 @@ def _output_delta_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     A module may return None: nothing to add (a merged LoRA, whose ΔW is already in the weight)."""
     x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
     h = output[0] if isinstance(output, tuple) else output
-    routes = ROUTES.get()
-    for delta in module.output_deltas.values():
-        if routes is None:
-            if delta.active:
-                dh = delta(x, h, None)
-                if dh is not None:
-                    h = h + dh
-        elif (rows := routed_rows(routes, delta, h.shape[0])) is not None:  # per_example: its rows only
-            dh = delta(x[rows], h[rows], None)
-            if dh is not None:
-                h = h.index_add(0, rows, dh)
+    h = add_deltas(module.output_deltas, h,
+                   lambda d, h, rows: d(x, h, None) if rows is None else d(x[rows], h[rows], None))
     return (h, *output[1:]) if isinstance(output, tuple) else h
 
 
 def add_output_delta(target: nn.Module, name: str, delta: AdapterModule) -> None:
     """Make ``target``'s output a site: its output h becomes h + delta(x, h, None), x its first input."""
-    if isinstance(target, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-        raise TypeError(f"cannot make a {type(target).__name__}'s output a site (a child module would become one "
-                        "of its layers); target its last layer instead")
-    if not hasattr(target, "output_deltas"):
-        target.output_deltas = nn.ModuleDict()
-        target.register_forward_hook(_output_delta_hook, with_kwargs=True)
-    target.output_deltas[name] = delta
+    _add_to_site(target, "output_deltas", _output_delta_hook, name, delta)
 
 
 def remove_output_delta(target: nn.Module, name: str) -> None:
     """Detach ``name`` from ``target``'s output site; the last one out removes the site (container and hook)."""
-    del target.output_deltas[name]
-    if not len(target.output_deltas):
-        del target.output_deltas
-        for key, hook in list(target._forward_hooks.items()):
-            if hook is _output_delta_hook:
-                del target._forward_hooks[key]
-                target._forward_hooks_with_kwargs.pop(key, None)
-                target._forward_hooks_always_called.pop(key, None)
+    _remove_from_site(target, "output_deltas", _output_delta_hook, name)
+
+
+def _add_to_site(target: nn.Module, container: str, hook, name: str, delta: AdapterModule) -> None:
+    """Put ``delta`` in ``target.<container>`` (output_deltas: a forward hook; input_deltas: a pre-hook), making
+    the site on first use."""
+    side = "output" if container == "output_deltas" else "input"
+    if isinstance(target, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        raise TypeError(f"cannot make a {type(target).__name__}'s {side} a site (a child module would become one "
+                        f"of its layers); target its {'last' if side == 'output' else 'first'} layer instead")
+    if not hasattr(target, container):
+        setattr(target, container, nn.ModuleDict())
+        register = target.register_forward_hook if side == "output" else target.register_forward_pre_hook
+        register(hook, with_kwargs=True)
+    getattr(target, container)[name] = delta
+
+
+def _remove_from_site(target: nn.Module, container: str, hook, name: str) -> None:
+    """Take ``name`` out of ``target.<container>``; the last one out removes the site (container and hook)."""
+    del getattr(target, container)[name]
+    if len(getattr(target, container)):
+        return
+    delattr(target, container)
+    pre = "_pre" if container == "input_deltas" else ""
+    hooks = getattr(target, f"_forward{pre}_hooks")
+    for key, registered in list(hooks.items()):
+        if registered is hook:
+            del hooks[key]
+            getattr(target, f"_forward{pre}_hooks_with_kwargs").pop(key, None)
+            getattr(target, "_forward_hooks_always_called").pop(key, None)
 
 
 # ---- a site on any module's input (a method that rescales what a Linear reads: IA³'s l_ff) ----------------------
@@ -325,17 +332,7 @@ def _input_delta_hook(module: nn.Module, args: tuple, kwargs: dict):
     else:
         key = next(iter(kwargs))
         x = kwargs[key]
-    routes = ROUTES.get()
-    for delta in module.input_deltas.values():
-        if routes is None:
-            if delta.active:
-                dx = delta(x)
-                if dx is not None:
-                    x = x + dx
-        elif (rows := routed_rows(routes, delta, x.shape[0])) is not None:  # per_example: its rows only
-            dx = delta(x[rows])
-            if dx is not None:
-                x = x.index_add(0, rows, dx)
+    x = add_deltas(module.input_deltas, x, lambda d, x, rows: d(x if rows is None else x[rows]))
     return ((x, *rest), kwargs) if key is None else (args, {**kwargs, key: x})
 
 
@@ -343,21 +340,9 @@ def add_input_delta(target: nn.Module, name: str, delta: AdapterModule) -> None:
     """Make ``target``'s input a site: it reads x + delta(x) in place of x (a forward pre-hook), x its first
     input. The input-side twin of ``add_output_delta``: a method that rescales what a Linear reads (IA³'s
     l_ff ⊙ x = x + (l_ff − 1) ⊙ x) is a Δx here, so it can be switched off, deleted or routed per example."""
-    if isinstance(target, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-        raise TypeError(f"cannot make a {type(target).__name__}'s input a site (a child module would become one "
-                        "of its layers); target its first layer instead")
-    if not hasattr(target, "input_deltas"):
-        target.input_deltas = nn.ModuleDict()
-        target.register_forward_pre_hook(_input_delta_hook, with_kwargs=True)
-    target.input_deltas[name] = delta
+    _add_to_site(target, "input_deltas", _input_delta_hook, name, delta)
 
 
 def remove_input_delta(target: nn.Module, name: str) -> None:
     """Detach ``name`` from ``target``'s input site; the last one out removes the site (container and pre-hook)."""
-    del target.input_deltas[name]
-    if not len(target.input_deltas):
-        del target.input_deltas
-        for key, hook in list(target._forward_pre_hooks.items()):
-            if hook is _input_delta_hook:
-                del target._forward_pre_hooks[key]
-                target._forward_pre_hooks_with_kwargs.pop(key, None)
+    _remove_from_site(target, "input_deltas", _input_delta_hook, name)

@@ -128,6 +128,25 @@ def routed_rows(routes: dict, module: nn.Module, batch: int) -> torch.Tensor | N
     return routes.get(module.adapter_name)
 
 
+def add_deltas(deltas: nn.ModuleDict, h: torch.Tensor, delta_of) -> torch.Tensor:
+    """h plus each attached module's Δ, in order (a later module reads the h its predecessors made): every active
+    module on every row; inside ``per_example``, each module on the rows routed to its adapter only, its Δ added
+    back at those rows. ``delta_of(module, h, rows)`` computes one module's Δ on ``rows`` (None: the whole batch)
+    of what it reads, or None (nothing to add). The one loop of every site: a block's, a module's output, its input."""
+    routes = ROUTES.get()
+    for delta in deltas.values():
+        if routes is None:
+            if not delta.active:
+                continue
+            rows = None
+        elif (rows := routed_rows(routes, delta, h.shape[0])) is None:
+            continue
+        dh = delta_of(delta, h, rows)
+        if dh is not None:
+            h = h + dh if rows is None else h.index_add(0, rows, dh)
+    return h
+
+
 class Site(nn.Module):
     """One sublayer of a block (see the module docstring). Subclasses implement ``sublayer(x, *args) -> h``.
 
@@ -164,21 +183,16 @@ class Site(nn.Module):
         """h ← h + Δh for each active module in ``deltas`` (in order), then the closing rule; r = x on post-LN."""
         r = x if r is None else r
         h = self.dropout(h)  # (B, T, d): before the residual
-        close: Close = (lambda h: self.norm(r + h)) if self.post_norm else (lambda h: r + h)
-        routes = ROUTES.get()
-        for delta in self.deltas.values():
-            if routes is None:
-                if delta.active:
-                    dh = delta(x, h, close)  # Δh (He et al. 2022, Eq. 1-2 and Table 1)
-                    if dh is not None:
-                        h = h + dh
-            elif (rows := routed_rows(routes, delta, h.shape[0])) is not None:  # its examples only
-                r_rows = r[rows]
-                close_rows = (lambda h: self.norm(r_rows + h)) if self.post_norm else (lambda h: r_rows + h)
-                dh = delta(x[rows], h[rows], close_rows)
-                if dh is not None:
-                    h = h.index_add(0, rows, dh)
-        return close(h)  # (B, T, d)
+
+        def closing(r) -> Close:  # the block's closing rule for the residual r
+            return (lambda h: self.norm(r + h)) if self.post_norm else (lambda h: r + h)
+
+        def delta_h(delta, h, rows):  # Δh (He et al. 2022, Eq. 1-2 and Table 1), on the rows routed to it
+            if rows is None:
+                return delta(x, h, closing(r))
+            return delta(x[rows], h[rows], closing(r[rows]))
+
+        return closing(r)(add_deltas(self.deltas, h, delta_h))  # (B, T, d)
 
 
 class FeedForward(Site):
