@@ -26,7 +26,7 @@ from typing import Callable
 from ..core import Recipe, get_recipe, in_lesson_order
 from .kinds import all_tasks, check_runs, kind_of, render_task
 from .kinds.classification import build_classifier
-from .records import check_output_dir, read_record, write_json
+from .records import check_output_dir, read_json, read_record, write_json
 from .train import Budget, Result, SequenceClassifier, train
 
 
@@ -36,6 +36,32 @@ def build_model(spec: Recipe | str, task: str = "sentiment", seed: int = 0, enco
     """Seed, load the pretrained encoder (or use ``encoder``), add a head for ``task``, apply the recipe (its
     adapter at ``size`` on the recipe's knob, default the knob's default): ``kinds.classification``'s builder."""
     return build_classifier(spec, task, seed, encoder, size)
+
+
+HEAD_FILE = "head.safetensors"  # a saved task adapter's head, beside the adapter's own files
+
+
+def trained_adapters(directory, recipe: str, tasks, budget: Budget | None = None, seed: int = 0,
+                     quiet: bool = True) -> dict[str, dict]:
+    """``recipe`` trained on each task and saved to ``directory/<task>/``: the adapter, its head (``HEAD_FILE``) and
+    ``scores.json`` (test and validation accuracy, test predictions); a task saved there is read, not retrained.
+    Returns {task: scores}, each adapter on its own task, alone (AdapterFusion's sources, lesson 12's tasks)."""
+    from safetensors.torch import save_file
+
+    from ..api import save_adapter
+
+    directory, budget, spec = Path(directory), budget or Budget.lesson(), get_recipe(recipe)
+    for task in tasks:
+        folder = directory / task
+        if not (folder / "scores.json").exists():
+            model = build_model(spec, task, seed)
+            r = train(model, task, spec.lr, budget, seed=seed, method=recipe, config=spec.config, quiet=quiet)
+            save_adapter(model, recipe, folder)
+            save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(folder / HEAD_FILE))
+            write_json(folder / "scores.json", {"test_acc": r.test_acc, "val_acc": r.val_acc[-1], "budget": r.budget,
+                                                "seed": seed, "train_seconds": r.train_seconds,
+                                                "test_predictions": r.test_predictions})
+    return {task: read_json(directory / task / "scores.json") for task in tasks}
 
 
 def run_comparison(methods=None, task: str = "sentiment", seeds=(0,), budget: Budget | None = None,

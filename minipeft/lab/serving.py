@@ -10,40 +10,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from ..api import load_adapter, save_adapter
+from ..api import load_adapter
 from ..backbones.contract import per_example
 from ..backbones.encoder import Encoder
-from .records import read_json, write_json
-from .train import Budget, train
+from .compare import HEAD_FILE, trained_adapters
+from .train import Budget
 
 SERVING_DIR = Path(__file__).resolve().parents[2] / "results" / "serving"  # committed with the course
 TASKS = ("sentiment", "topic", "question", "subjectivity")
 RECIPE = "lora"
-HEAD_FILE = "head.safetensors"
 
 
 def train_task_adapters(directory=SERVING_DIR, tasks=TASKS, budget: Budget | None = None, seed: int = 0,
                         quiet: bool = True) -> dict[str, dict]:
     """LoRA + head per task, saved to ``directory/<task>/`` (a task saved there is read, not retrained). Returns
-    {task: {"test_acc", "val_acc", ...}}: each adapter on its own task, alone."""
-    from .compare import build_model
-    from ..core import get_recipe
-
-    directory, budget, spec = Path(directory), budget or Budget.lesson(), get_recipe(RECIPE)
-    for task in tasks:
-        scores = directory / task / "scores.json"
-        if not scores.exists():
-            model = build_model(spec, task, seed)
-            r = train(model, task, spec.lr, budget, seed=seed, method=RECIPE, config=spec.config, quiet=quiet)
-            save_adapter(model, RECIPE, directory / task)
-            save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()},
-                      str(directory / task / HEAD_FILE))
-            write_json(scores, {"test_acc": r.test_acc, "val_acc": r.val_acc[-1], "budget": r.budget, "seed": seed,
-                                "train_seconds": r.train_seconds, "test_predictions": r.test_predictions})
-    return {task: read_json(directory / task / "scores.json") for task in tasks}
+    {task: {"test_acc", "val_acc", "test_predictions", ...}}: each adapter on its own task, alone."""
+    return trained_adapters(directory, RECIPE, tasks, budget, seed, quiet)
 
 
 class TaskServer(nn.Module):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..api import add_adapter, load_adapter, save_adapter, set_active, train_adapter
+from ..api import add_adapter, load_adapter, set_active, train_adapter
 from ..core import RECIPES, Recipe, get_recipe, register_recipe
 from ..methods.bottleneck import BottleneckConfig  # noqa: F401  (registers the Pfeiffer recipe)
 from ..methods.fusion import FusionConfig, freeze_adapters
@@ -56,21 +56,10 @@ def target_budget(n: int, fast: bool = False) -> Budget:
 def train_sources(directory=SOURCES_DIR, tasks=SOURCES, budget: Budget | None = None, seed: int = 0,
                   quiet: bool = True) -> dict[str, dict]:
     """Stage 1: a Pfeiffer adapter per source task, saved to ``directory/<task>/`` (a task already saved there is
-    read, not retrained). Returns {task: {"test_acc", "val_acc"}} of each source on its own task."""
-    from .compare import build_model
+    read, not retrained). Returns {task: {"test_acc", "val_acc", ...}} of each source on its own task."""
+    from .compare import trained_adapters
 
-    directory, budget = Path(directory), budget or Budget.lesson()
-    spec = get_recipe(SOURCE_RECIPE)
-    accuracies = {}
-    for task in tasks:
-        scores = directory / task / "scores.json"
-        if not scores.exists():
-            model = build_model(spec, task, seed)
-            r = train(model, task, spec.lr, budget, seed=seed, method=SOURCE_RECIPE, config=spec.config, quiet=quiet)
-            save_adapter(model, SOURCE_RECIPE, directory / task)
-            write_json(scores, {"test_acc": r.test_acc, "val_acc": r.val_acc[-1], "budget": r.budget, "seed": seed})
-        accuracies[task] = read_json(scores)
-    return accuracies
+    return trained_adapters(directory, SOURCE_RECIPE, tasks, budget, seed, quiet)
 
 
 def check_sources(directory, tasks=SOURCES) -> None:
