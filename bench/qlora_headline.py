@@ -26,7 +26,6 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from common import pin_threads
 
 from minipeft.backbones.decoder import Decoder
@@ -50,36 +49,12 @@ def build(method: str, seed: int):
 
 
 def probe(rates: str) -> None:
-    from torch.utils.data import DataLoader
+    from headline_lr_probe import probe as probe_lr, probe_data
 
-    from minipeft.lab.generation_tasks import load_headline
-    from minipeft.lab.generation_train import decoder_tokenizer, lm_collate, lm_examples, lm_loss
-    from minipeft.lab.train import make_optimizer
-
-    steps, batch_size, n_val = 12, 8, 32
-    budget, tok = Budget.generation(), decoder_tokenizer()
-    data = load_headline(steps * batch_size, n_val, 1)
-    train, validation = (lm_examples(data[s], tok, budget.max_length) for s in ("train", "validation"))
-    collate = lambda b: lm_collate(b, tok.pad_token_id)  # noqa: E731
+    probe_data()  # before any model: loading draws from torch's generator
     lines = [f"# {' '.join(['bench/qlora_headline.py'] + sys.argv[1:])} (2 threads)"]
     for lr in map(float, rates.split(",")):
-        model = build("lora_all", 0)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt, sched = make_optimizer(params, lr, budget, steps)
-        loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0),
-                            collate_fn=collate)
-        losses = []
-        for batch in loader:
-            loss = lm_loss(model, batch, "cpu")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, budget.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(round(loss.item(), 2))
-        with torch.no_grad():
-            val = sum(lm_loss(model, collate(validation[i:i + 16]), "cpu").item()
-                      for i in range(0, n_val, 16)) / (n_val // 16)
+        val, losses = probe_lr(build("lora_all", 0), lr)
         lines.append(f"lora_all lr {lr:g}: validation loss {val:.3f}; training losses {losses}")
         print(lines[-1], flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
