@@ -140,3 +140,21 @@ def _hf_twins() -> dict:
 
 
 HF_TWINS = _hf_twins()
+
+
+def twins(family):
+    """(transformers model, our backbone on the same weights, a padded batch, how to read each one's output)."""
+    from minipeft.backbones import REGISTRY
+
+    make, hf_output, our_output = HF_TWINS[family]
+    torch.manual_seed(0)
+    hf = make().eval()
+    ours = REGISTRY[family].cls.from_hf(hf)
+    return hf, ours, tiny_batch(ours), hf_output, our_output
+
+
+def twin_outputs(hf, ours, batch, hf_output, our_output):
+    """(ours, transformers') outputs on ``batch``, without gradients."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        return our_output(ours, ours(ids, mask)), hf_output(hf(input_ids=ids, attention_mask=mask))

@@ -5,11 +5,10 @@ against numel on MiniLM and SmolLM2, clear errors that change nothing. (The conf
 backbone.)"""
 import pytest
 import torch
-from helpers import HF_TWINS, TOL, assert_unchanged, gap, perturb, structure, tiny_batch
+from helpers import TOL, assert_unchanged, gap, perturb, structure, twin_outputs, twins
 from torch import nn
 
 from minipeft import add_adapter, export_peft, import_peft, merge_adapter, parameter_summary, unmerge_adapter
-from minipeft.backbones import REGISTRY
 from minipeft.core import adapter_modules
 from minipeft.methods.dora import DoRAConfig, DoRALinear, dora_count, dora_qv_count
 from minipeft.methods.lora import LoRALinear
@@ -17,31 +16,17 @@ from minipeft.methods.lora import LoRALinear
 TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 
 
-def twins(family):
-    make, hf_output, our_output = HF_TWINS[family]
-    torch.manual_seed(0)
-    hf = make().eval()
-    ours = REGISTRY[family].cls.from_hf(hf)
-    return hf, ours, tiny_batch(ours), hf_output, our_output
-
-
-def outputs(hf, ours, batch, hf_output, our_output):
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    with torch.no_grad():
-        return our_output(ours, ours(ids, mask)), hf_output(hf(input_ids=ids, attention_mask=mask))
-
-
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_dora_exported_to_peft_gives_peft_the_same_outputs(family, tmp_path):
     from peft import PeftModel
 
     hf, ours, batch, hf_output, our_output = twins(family)
-    base, _ = outputs(hf, ours, batch, hf_output, our_output)
+    base, _ = twin_outputs(hf, ours, batch, hf_output, our_output)
     add_adapter(ours, DoRAConfig(r=4, alpha=8, targets=["q", "v", "ffn_out"]), "a")
     perturb(ours, "a")  # A, B and m off their init
     export_peft(ours, "a", tmp_path)
     theirs = PeftModel.from_pretrained(hf, tmp_path).eval()
-    mine, peft_out = outputs(theirs, ours, batch, hf_output, our_output)
+    mine, peft_out = twin_outputs(theirs, ours, batch, hf_output, our_output)
     real = batch["attention_mask"]
     print(f"DoRA {family}: ours -> peft max |Δ| = {gap(mine, peft_out, real):.2e}")
     assert gap(mine, peft_out, real) < TOL and gap(mine, base, real) > 100 * TOL
@@ -62,7 +47,7 @@ def test_peft_dora_imported_gives_peft_outputs(family, tmp_path):
     theirs.save_pretrained(tmp_path)
     config = import_peft(ours, tmp_path, "p")
     assert type(config) is DoRAConfig and config.r == 4 and config.scale == 2
-    mine, peft_out = outputs(theirs.eval(), ours, batch, hf_output, our_output)
+    mine, peft_out = twin_outputs(theirs.eval(), ours, batch, hf_output, our_output)
     print(f"DoRA {family}: peft -> ours max |Δ| = {gap(mine, peft_out, batch['attention_mask']):.2e}")
     assert gap(mine, peft_out, batch["attention_mask"]) < TOL
 

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import HF_TWINS, TOL, assert_unchanged, gap, perturb, structure, tiny_batch
+from helpers import HF_TWINS, TOL, assert_unchanged, gap, perturb, structure, tiny_batch, twin_outputs, twins
 from torch import nn
 
 from minipeft import add_adapter, export_peft, for_inference, import_peft, parameter_summary
@@ -24,33 +24,18 @@ PAPER_IN_PEFT = {"bert": dict(target_modules=r".*\.(key|value)|.*layer\.\d+\.out
                  "llama": dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])}
 
 
-def twins(family):
-    """(transformers model, our backbone on the same weights, a padded batch, how to read each one's output)."""
-    make, hf_output, our_output = HF_TWINS[family]
-    torch.manual_seed(0)
-    hf = make().eval()
-    ours = REGISTRY[family].cls.from_hf(hf)
-    return hf, ours, tiny_batch(ours), hf_output, our_output
-
-
-def outputs(hf, ours, batch, hf_output, our_output):
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    with torch.no_grad():
-        return our_output(ours, ours(ids, mask)), hf_output(hf(input_ids=ids, attention_mask=mask))
-
-
 @pytest.mark.parametrize("family", ["bert", "llama"])
 @pytest.mark.parametrize("placement", ["peft default", "paper"])
 def test_ia3_exported_to_peft_gives_peft_the_same_outputs(family, placement, tmp_path):
     from peft import PeftModel
 
     hf, ours, batch, hf_output, our_output = twins(family)
-    base, _ = outputs(hf, ours, batch, hf_output, our_output)
+    base, _ = twin_outputs(hf, ours, batch, hf_output, our_output)
     add_adapter(ours, PEFT_DEFAULT_AS_OURS[family] if placement == "peft default" else IA3Config(), "a")
     perturb(ours, "a", scale=0.3)
     export_peft(ours, "a", tmp_path)
     theirs = PeftModel.from_pretrained(hf, tmp_path).eval()
-    mine, peft_out = outputs(theirs, ours, batch, hf_output, our_output)
+    mine, peft_out = twin_outputs(theirs, ours, batch, hf_output, our_output)
     real = batch["attention_mask"]
     print(f"IA³ {placement} {family}: ours -> peft max |Δ| = {gap(mine, peft_out, real):.2e}")
     assert gap(mine, peft_out, real) < TOL
@@ -77,7 +62,7 @@ def test_peft_ia3_imported_gives_peft_outputs(family, placement, tmp_path):
     expected = PEFT_DEFAULT_AS_OURS[family] if placement == "peft default" else IA3Config()
     assert {p: s for p, (_, s) in config.placements(ours).items()} == \
         {p: s for p, (_, s) in expected.placements(ours).items()}
-    mine, peft_out = outputs(theirs.eval(), ours, batch, hf_output, our_output)
+    mine, peft_out = twin_outputs(theirs.eval(), ours, batch, hf_output, our_output)
     print(f"IA³ {placement} {family}: peft -> ours max |Δ| = {gap(mine, peft_out, batch['attention_mask']):.2e}")
     assert gap(mine, peft_out, batch["attention_mask"]) < TOL
 

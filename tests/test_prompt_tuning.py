@@ -9,7 +9,7 @@ import torch
 from minipeft import add_adapter, export_peft, generate, import_peft, parameter_summary
 from minipeft.backbones import REGISTRY
 from minipeft.methods.prompt_tuning import PromptTuningConfig, prompt_tuning_count
-from helpers import HF_TWINS, TOL, assert_unchanged, build, gap, padded_tokens, perturb, run, structure
+from helpers import TOL, assert_unchanged, build, gap, padded_tokens, perturb, run, structure, twins
 
 
 @pytest.mark.parametrize("family", list(REGISTRY))
@@ -43,22 +43,13 @@ def test_a_prompt_from_token_ids_is_the_model_reading_them_first(family):
     assert gap(soft, run(build(family), batch), mask) > 100 * TOL  # the prompt changes the outputs
 
 
-def twin(family):
-    from minipeft.backbones import REGISTRY
-
-    make, hf_output, our_output = HF_TWINS[family]
-    torch.manual_seed(0)
-    hf = make().eval()
-    return hf, REGISTRY[family].cls.from_hf(hf), hf_output, our_output
-
-
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_equals_peft_prompt_tuning_both_ways(family, tmp_path):
     """Our prompt exported to peft's files gives peft's outputs at the real tokens, and a peft PromptTuningConfig
     (random init) imported gives ours; unpadded and right-padded batches (peft numbers positions by array place)."""
     from peft import PeftModel, PromptTuningConfig as PeftPromptTuning, get_peft_model
 
-    hf, ours, hf_output, our_output = twin(family)
+    hf, ours, _, hf_output, our_output = twins(family)
     l = 5
     add_adapter(ours, PromptTuningConfig(length=l, init="random"), "a")
     export_peft(ours, "a", tmp_path / "ours")
@@ -72,7 +63,7 @@ def test_equals_peft_prompt_tuning_both_ways(family, tmp_path):
         assert gap(mine, peft_out, mask) < TOL, pads
 
     torch.manual_seed(1)
-    hf2, ours2, hf_output, our_output = twin(family)
+    hf2, ours2, _, hf_output, our_output = twins(family)
     task = "CAUSAL_LM" if family == "llama" else "FEATURE_EXTRACTION"
     peft_model = get_peft_model(hf2, PeftPromptTuning(task_type=task, num_virtual_tokens=l)).eval()
     peft_model.save_pretrained(tmp_path / "peft")
