@@ -98,6 +98,17 @@ def _transformers_root(home: nn.Module) -> tuple[str, nn.Module]:
     return "", home
 
 
+def _exportable(model: nn.Module, home: nn.Module, name: str, kind: type, method: str, parts: str) -> dict:
+    """Path (in ``home``, the backbone) -> module of adapter ``name``'s ``kind`` modules; a ValueError when it has
+    none there, or modules outside the backbone (peft's files describe the transformers model only)."""
+    found = {p: m for p, m in adapter_modules(home, name).items() if isinstance(m, kind)}
+    outside = sorted(set(adapter_modules(model, name)) - set(adapter_modules(home, name)))
+    if outside or not found:
+        raise ValueError(f"{method} {name!r} has {parts} outside the backbone ({outside[:3]}); peft's files describe "
+                         f"{method} on the transformers model only")
+    return found
+
+
 def _namer(model: nn.Module):
     """(home, to_hf, to_ours): where the adapter lives, and the path maps between it and the transformers model.
     A minipeft backbone maps through its name table; a wrapped transformers model by its path inside ``home``."""
@@ -164,11 +175,7 @@ def export_peft(model: nn.Module, name: str, directory: str | Path, base_model_n
                          f"export_peft writes LoRA, DoRA and IA³ adapters only; keep this one in "
                          f"minipeft's format with save_adapter(model, {name!r}, directory)")
     home, to_hf, _ = _namer(model)
-    layers = {p: m for p, m in adapter_modules(home, name).items() if isinstance(m, LoRALinear)}
-    outside = sorted(set(adapter_modules(model, name)) - set(adapter_modules(home, name)))
-    if outside or not layers:
-        raise ValueError(f"LoRA {name!r} has layers outside the backbone ({outside[:3]}); peft's files describe "
-                         "LoRA on the transformers model only")
+    layers = _exportable(model, home, name, LoRALinear, "LoRA", "layers")
     merged = [p for p, m in layers.items() if m.merged]
     if merged:
         raise ValueError(f"LoRA {name!r} is merged into its weights (e.g. {merged[0]}): peft would add ΔW a second "
@@ -446,11 +453,7 @@ def export_peft_ia3(model: nn.Module, name: str, directory: str | Path, base_mod
     from safetensors.torch import save_file
 
     home, to_hf, _ = _namer(model)
-    vectors = {p: m for p, m in adapter_modules(home, name).items() if isinstance(m, IA3Vector)}
-    outside = sorted(set(adapter_modules(model, name)) - set(adapter_modules(home, name)))
-    if outside or not vectors:
-        raise ValueError(f"IA³ {name!r} has vectors outside the backbone ({outside[:3]}); peft's files describe "
-                         "IA³ on the transformers model only")
+    vectors = _exportable(model, home, name, IA3Vector, "IA³", "vectors")
     linear_of = {p: re.sub(r"\.(output|input)_deltas\.[^.]+$", "", p) for p in vectors}
     universe = [to_hf(n) for n in _linear_names(home)] + list(HF_ONLY_LINEARS)
     state, outputs, inputs = {}, [], []

@@ -262,6 +262,15 @@ BAD = {
 }
 
 
+def assert_import_refused(model, directory, message):
+    """import_peft(model, directory) is a ValueError matching ``message`` that names the file; the model is as it was."""
+    before = structure(model)
+    with pytest.raises(ValueError, match=message) as info:
+        import_peft(model, directory)
+    assert str(directory) in str(info.value), "the error names the file"
+    assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_peft_input_is_a_clear_error_and_changes_nothing(model, peft_dir, tmp_path, case):
     import shutil
@@ -270,11 +279,7 @@ def test_bad_peft_input_is_a_clear_error_and_changes_nothing(model, peft_dir, tm
     shutil.copytree(peft_dir, d)
     spoil, message = BAD[case]
     spoil(d)
-    before = structure(model)
-    with pytest.raises(ValueError, match=message) as info:
-        import_peft(model, d)
-    assert str(d) in str(info.value), "the error names the file"
-    assert_unchanged(model, before)
+    assert_import_refused(model, d, message)
 
 
 def test_import_under_an_existing_name_changes_nothing(model, peft_dir):
@@ -342,11 +347,7 @@ def test_bad_peft_ia3_input_is_a_clear_error_and_changes_nothing(model, tmp_path
     get_peft_model(hf_bert(), PeftIA3Config()).save_pretrained(str(d))
     spoil, message = IA3_BAD[case]
     spoil(d)
-    before = structure(model)
-    with pytest.raises(ValueError, match=message) as info:
-        import_peft(model, d)
-    assert str(d) in str(info.value), "the error names the file"
-    assert_unchanged(model, before)
+    assert_import_refused(model, d, message)
 
 
 # ---- minipeft's adapters on transformers models, trained with minipeft.lab.train ------------------------------------
@@ -427,7 +428,6 @@ if __name__ == "__main__":  # prints the measured interop differences (the numbe
     import tempfile
     from pathlib import Path
 
-    from minipeft.backbones.encoder import Encoder
     from minipeft.lab.tasks import load_task, load_tokenizer
 
     torch.set_num_threads(2)
