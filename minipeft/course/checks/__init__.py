@@ -59,3 +59,10 @@ def max_error(got: torch.Tensor, want: torch.Tensor) -> str:
     if bad:
         return f"{bad} of {got.numel()} values are nan or inf"
     return f"max error {(got.double() - want.double()).abs().max():.3g}"
+
+
+def name_the_mistake(name: str, got: torch.Tensor, mistakes: dict, atol: float = 1e-5) -> None:
+    """Fail with the hint of the first plausible mistake (hint -> what it computes) that ``got`` equals."""
+    for hint, wrong in mistakes.items():
+        if wrong.shape == got.shape and torch.allclose(got, wrong, atol=atol):
+            fail(name, hint + ".")

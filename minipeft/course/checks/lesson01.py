@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ...api import add_adapter
 from ...backbones.encoder import Encoder, EncoderConfig
 from ...methods.bottleneck import Bottleneck, BottleneckConfig
-from . import call, explain, fail, max_error, need_int, passed
+from . import call, explain, fail, max_error, name_the_mistake, need_int, passed
 
 MINILM = EncoderConfig.minilm()
 BERT_BASE = EncoderConfig(name="BERT-base")
@@ -81,9 +81,7 @@ def check_adapter_forward(fn) -> None:
                      + ("; that is the m-wide bottleneck: W_up brings it back to d." if got.shape[-1:] == (m,) else ""))
             if torch.allclose(got, want, atol=1e-5):
                 continue
-            for hint, wrong in _wrong_answers(t, ACTS[act]).items():
-                if torch.allclose(got, wrong, atol=1e-5):
-                    fail(name, hint + ".")
+            name_the_mistake(name, got, _wrong_answers(t, ACTS[act]))
             if act != "relu" and torch.allclose(got, reference_forward(**t, act="relu"), atol=1e-5):
                 fail(name, f"with act={act} you still computed ReLU: call the act argument, do not hard-code f.")
             fail(name, f"wrong output (act={act}, {max_error(got, want)}); "

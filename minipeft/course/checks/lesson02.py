@@ -17,7 +17,7 @@ from torch import nn
 from ...api import add_adapter
 from ...backbones.encoder import Encoder, EncoderConfig
 from ...methods.lora import LoRAConfig, LoRALinear
-from . import call, fail, max_error, need_int, passed
+from . import call, fail, max_error, name_the_mistake, need_int, passed
 
 MINILM = EncoderConfig.minilm()
 BERT_BASE = EncoderConfig(name="BERT-base")
@@ -101,9 +101,7 @@ def check_lora_forward(fn) -> None:
         if torch.allclose(got, want, atol=1e-5):
             _check_gradients(name, fn, t, alpha, r)
             continue
-        for hint, wrong in _forward_mistakes(**t, alpha=alpha, r=r).items():
-            if torch.allclose(got, wrong, atol=1e-5):
-                fail(name, hint + ".")
+        name_the_mistake(name, got, _forward_mistakes(**t, alpha=alpha, r=r))
         fail(name, f"wrong output (d_in={d_in}, d_out={d_out}, r={r}, α={alpha}; {max_error(got, want)}); "
              "expected W0 x + b + (α/r) B A x: A applied to x first, then B, each as nn.Linear applies a weight.")
     passed(name, "W0 x + b + (α/r) B A x, equal to minipeft's LoRALinear (square and rectangular layers), "
@@ -171,9 +169,7 @@ def check_merge(fn) -> None:
                         W0 + 2 * (alpha / r) * BA,
                     "ΔW is transposed: it is B @ A (d_out, d_in), like W0, not (B @ A).T = A.T @ B.T":
                         W0 + (alpha / r) * BA.T}
-        for hint, wrong in mistakes.items():
-            if wrong.shape == got.shape and torch.allclose(got, wrong, atol=1e-6):
-                fail(name, hint + ".")
+        name_the_mistake(name, got, mistakes, atol=1e-6)
         fail(name, f"wrong merged weight ({max_error(got, want)}); expected W0 + (α/r) B A, of W0's shape "
              "(d_out, d_in).")
     passed(name, "W0 + (α/r) B A, equal to minipeft's LoRALinear.merge()")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ...methods.dora import DoRAConfig, DoRALinear
-from . import fail, max_error, passed
+from . import fail, max_error, name_the_mistake, passed
 
 # (d_in, d_out, r, α, seed): a square layer (where a norm over the wrong axis still runs) and two rectangular ones;
 # s = α/r is never 1, so a missing or doubled scale is told apart from the right one
@@ -109,9 +109,7 @@ def check_dora_weight(fn) -> None:
         if torch.allclose(got, want, atol=1e-5):
             _check_gradients(name, fn, t, alpha, r)
             continue
-        for hint, wrong in _weight_mistakes(**t, alpha=alpha, r=r).items():
-            if wrong.shape == got.shape and torch.allclose(got, wrong, atol=1e-5):
-                fail(name, hint + ".")
+        name_the_mistake(name, got, _weight_mistakes(**t, alpha=alpha, r=r))
         fail(name, f"wrong weight (d_in={d_in}, d_out={d_out}, r={r}, α={alpha}; {max_error(got, want)}); expected "
              "m ⊙ (W0 + (α/r) B A) / ‖W0 + (α/r) B A‖_c, the norm taken over each row.")
     passed(name, "m ⊙ (W0 + sBA)/‖W0 + sBA‖_c, equal to minipeft's DoRALinear (square and rectangular layers), and "
@@ -174,9 +172,7 @@ def check_init_magnitude(fn) -> None:
         if d_in == d_out:
             mistakes["the norm is over the wrong axis: one per output unit, over the input axis (dim=1), not one per "
                      "input column"] = (W0 + s * BA).norm(dim=0)
-        for hint, wrong in mistakes.items():
-            if torch.allclose(got, wrong, atol=1e-6):
-                fail(name, hint + ".")
+        name_the_mistake(name, got, mistakes, atol=1e-6)
         fail(name, f"wrong magnitude ({max_error(got, want)}); expected ‖W0 + (α/r) B A‖_c, one norm per row.")
     passed(name, "m = ‖W0 + sBA‖_c, equal to minipeft's DoRALinear.weight_norm(): the DoRA layer starts as the "
            "layer it is made from")
