@@ -1,6 +1,7 @@
 """How the headline learning rates (``minipeft.lab.generation_train.GENERATION_LRS``) were chosen.
 
     .venv/bin/python bench/headline_lr_probe.py lora=1e-3,3e-3 prefix=3e-4,1e-3,3e-3,1e-2 mam=1e-3,3e-3
+    .venv/bin/python bench/headline_lr_probe.py ia3=3e-3,1e-2,3e-2,1e-1 dora=1e-3,3e-3,1e-2 prompt_tuning=3e-3,1e-2,3e-2,1e-1
 
 For each method and learning rate: the course's recipe on SmolLM2 (seed 0), 12 steps of 8 training articles with
 ``Budget.generation()``'s body budget, warm-up and decay, then the masked LM loss (the headline tokens) on the

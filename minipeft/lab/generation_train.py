@@ -43,9 +43,10 @@ from .train import (Budget, PeakMemory, Result, backbone_parameter_count, check_
 IGNORE = -100  # label of a position that is not scored (the prompt, the padding)
 
 # The methods compared on a generation task, in the course's order; None = nothing trained.
-# Learning rates for Budget.generation(): the lowest validation loss after 12 steps of 8 articles, of two or four
+# Learning rates for Budget.generation(): the lowest validation loss after 12 steps of 8 articles, of two to five
 # tried per method (``bench/headline_lr_probe.py``; its output is results/headline/lr_probe.txt).
-GENERATION_LRS: dict[str, float | None] = {"zero_shot": None, "lora": 3e-3, "prefix": 1e-3, "mam": 1e-3}
+GENERATION_LRS: dict[str, float | None] = {"zero_shot": None, "lora": 3e-3, "prefix": 1e-3, "mam": 1e-3,
+                                            "ia3": 3e-2, "dora": 3e-3, "prompt_tuning": 3e-2}
 
 
 @lru_cache(maxsize=1)

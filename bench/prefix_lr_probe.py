@@ -1,0 +1,49 @@
+"""How lesson 05's learning rates (reparameterised and flat prefix, l = 30) were chosen, on validation.
+
+    .venv/bin/python bench/prefix_lr_probe.py --reparameterised 3e-4,1e-3,3e-3 --flat 3e-3,1e-2,3e-2
+
+For each variant and learning rate: lesson 05's prefix (l = 30; the reparameterised one with an MLP of width 512)
+on MiniLM with a head (seed 0), trained on ``sentiment`` with the lesson's budget (``Budget.lesson()``) cut to
+``--max-train`` examples, then the accuracy on the validation split (500 examples; the test split is not read).
+The highest last-epoch validation accuracy wins. A probe, not a sweep: one seed, a smaller training set, as
+``classification_lr_probe.py`` does for the recipes of lesson 10.
+"""
+import argparse
+import dataclasses
+
+from common import pin_threads
+
+from minipeft import Encoder, add_adapter, train_adapter
+from minipeft.lab.train import Budget, SequenceClassifier, seed_everything, train
+from minipeft.methods.prefix import PrefixConfig
+
+LENGTH, HIDDEN = 30, 512  # lesson 05's prefix
+
+
+def prefix_classifier(reparameterize: bool, seed: int = 0) -> SequenceClassifier:
+    seed_everything(seed)
+    model = SequenceClassifier(Encoder.from_pretrained(), num_labels=2)
+    add_adapter(model.encoder, PrefixConfig(length=LENGTH, hidden=HIDDEN, reparameterize=reparameterize), "prefix")
+    train_adapter(model, "prefix")  # only the prefix and the head train
+    return model
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reparameterised", default="3e-4,1e-3,3e-3", help="learning rates, comma-separated")
+    p.add_argument("--flat", default="3e-3,1e-2,3e-2", help="learning rates, comma-separated")
+    p.add_argument("--max-train", type=int, default=1000)
+    args = p.parse_args()
+    pin_threads(2)
+    budget = dataclasses.replace(Budget.lesson(), max_train=args.max_train, max_test=1)
+    print(f"task sentiment, seed 0, budget {budget}", flush=True)
+    for variant, rates in (("reparameterised", args.reparameterised), ("flat", args.flat)):
+        for lr in map(float, rates.split(",")):
+            r = train(prefix_classifier(variant == "reparameterised"), "sentiment", lr, budget, seed=0,
+                      method=f"prefix {variant}", quiet=True)
+            print(f"{variant} lr {lr:g}: validation acc {r.val_acc[-1]:.3f} (per epoch {r.val_acc}); "
+                  f"last training losses {[round(x, 2) for x in r.losses[-4:]]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
