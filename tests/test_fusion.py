@@ -123,7 +123,7 @@ def test_count_is_L_times_3d2_plus_2d(fused):
     summary = parameter_summary(fused, "f")
     assert summary.adapter == fusion_count(384, 6) == 6 * (3 * 384 ** 2 + 2 * 384) == 2_658_816
     assert summary.per_layer == {f"layer {i}": 3 * 384 ** 2 + 2 * 384 for i in range(6)}
-    assert fusion_count(768, 12) == 21_252_096  # BERT-base: 19.4% of 109,482,240 (PAPERS.md)
+    assert fusion_count(768, 12) == 21_252_096  # BERT-base: 19.4% of 109,482,240 (docs/references.md)
 
 
 def test_only_fusion_and_head_train(model):

@@ -105,7 +105,7 @@ def test_counts_on_minilm_smollm2_and_bert_base(model, bert_base_sized):
                                (bert_base_sized, 55_296)):
         add_adapter(backbone, IA3Config(), "a")
         assert numel(backbone, "a") == default_count(backbone) == expected
-    # 55,296 on BERT-base: the adapters library's IA³ has the same count (L(d + d + d_ff), shared/PAPERS.md)
+    # 55,296 on BERT-base: the adapters library's IA³ has the same count (L(d + d + d_ff), docs/references.md)
 
 
 # ---- the fold: W diag(l) for an input vector, diag(l) W and l ⊙ b for an output one -----------------------------

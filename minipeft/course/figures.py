@@ -50,6 +50,7 @@ METHOD_COLOURS = {
     "parallel": "tab:green", "parallel_s1": "tab:green", "scaled_parallel": "tab:olive", "scaled_s4": "tab:olive",
     "scaled_learned": "tab:brown", "sequential_ffn": "navy", "parallel_attn": "#98df8a",
     "prefix": "tab:red", "flat": "#ff9896", "prefix flat": "#ff9896", "mam": "tab:pink", "fusion": "#8c564b",
+    "ia3": "goldenrod", "dora": "#8c2d04", "bitfit": "teal", "prompt_tuning": "indigo", "qlora": "#fdae6b",
 }
 
 
