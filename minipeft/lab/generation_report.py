@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from .generation_tasks import rouge_per_example
-from .records import by_method, load_record, save_figure, training_memory_mb, write_atomic
+from .records import added_lines, by_method, load_record, save_figure, training_memory_mb, write_atomic
 from .stats import ScoreComparison, compare_scores, mean_interval
 from .train import Result
 
@@ -123,7 +123,7 @@ def render_generation(path) -> dict[str, Path]:
         "interval and the paired t-test (`minipeft.lab.stats.compare_scores`). Zero-shot trains nothing and decodes "
         "greedily: one run stands for every seed. s/step: median over the steps; run s: training and writing the "
         f"validation and test headlines.\n\nCommand: `{record['command']}`\n\n"
-        + "".join(f"Added by: `{a['command']}`\n\n" for a in record.get("added", []))
+        + added_lines(record)
         + f"Budget: {budget}\n\nDevice: {r0.device} ({m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch "
           f"threads); load average (1, 5, 15 min) at the start {m['load_average']['start']}, at the end "
           f"{m['load_average']['end']}\n")

@@ -123,3 +123,11 @@ def training_memory_mb(r: Result) -> float:
     """The measured training memory, weights included: on CPU ``peak_memory_mb`` is the rise over the memory at
     the start (the fp32 weights, 4 bytes each, were already loaded), so they are added back; on CUDA it is total."""
     return r.peak_memory_mb + (4 * r.total_params / 2**20 if "rise" in r.memory_measure else 0.0)
+
+
+def added_lines(record: dict) -> str:
+    """One paragraph per addition to ``record`` (``compare --add``): its command and the machine it ran on (a run's
+    s/step compares only with runs of the same machine)."""
+    return "".join(f"Added by: `{a['command']}` ({a['machine']['cpu']}; load average at the start "
+                   f"{a['machine']['load_average']['start']}, at the end {a['machine']['load_average']['end']})\n\n"
+                   for a in record.get("added", []))

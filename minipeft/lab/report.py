@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from ..core import RECIPES, in_lesson_order
-from .records import by_method, load_record, read_json, save_figure, training_memory_mb, write_atomic
+from .records import added_lines, by_method, load_record, read_json, save_figure, training_memory_mb, write_atomic
 from .stats import Comparison, compare, correctness, mean_interval
 from .train import Result
 
@@ -123,8 +123,7 @@ def render_classification(path) -> dict[str, Path]:
         "below; `bench/costs.py` measures the ratios side by side). Training MiB: the measured peak "
         f"({r0.memory_measure}), the fp32 weights included; the last column is the formula 4·(N + 3·N_trainable) "
         f"bytes.\n\nCommand: `{record['command']}`\n\n"
-        + "".join(f"Added by: `{a['command']}` (load average at the start {a['machine']['load_average']['start']}, "
-                  f"at the end {a['machine']['load_average']['end']})\n\n" for a in record.get("added", []))
+        + added_lines(record)
         + f"Budget: {budget}\n\nDevice: {r0.device}"
         + (f" ({m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads); load average (1, 5, 15 min) at "
            f"the start {m['load_average']['start']}, at the end {m['load_average']['end']}" if m else "")
