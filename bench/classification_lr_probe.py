@@ -18,6 +18,17 @@ from minipeft.lab.kinds.classification import build_classifier
 from minipeft.lab.train import Budget, train
 
 
+def probe_budget(max_train: int) -> Budget:
+    """The lesson's budget cut to ``max_train`` training examples; the test split is not read (one example)."""
+    return dataclasses.replace(Budget.lesson(), max_train=max_train, max_test=1)
+
+
+def report(name: str, lr: float, r) -> None:
+    """One line per probe run: the last-epoch validation accuracy (the choice), per epoch, the last losses."""
+    print(f"{name} lr {lr:g}: validation acc {r.val_acc[-1]:.3f} (per epoch {r.val_acc}); "
+          f"last training losses {[round(x, 2) for x in r.losses[-4:]]}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("task")
@@ -25,15 +36,13 @@ def main():
     p.add_argument("--max-train", type=int, default=1000)
     args = p.parse_args()
     pin_threads(2)
-    budget = dataclasses.replace(Budget.lesson(), max_train=args.max_train, max_test=1)
+    budget = probe_budget(args.max_train)
     print(f"task {args.task}, seed 0, budget {budget}", flush=True)
     for method, rates in (arg.split("=") for arg in args.rates):
         spec = get_recipe(method)
         for lr in map(float, rates.split(",")):
-            r = train(build_classifier(spec, args.task, seed=0), args.task, lr, budget, seed=0, method=method,
-                      config=spec.config, quiet=True)
-            print(f"{method} lr {lr:g}: validation acc {r.val_acc[-1]:.3f} (per epoch {r.val_acc}); "
-                  f"last training losses {[round(x, 2) for x in r.losses[-4:]]}", flush=True)
+            report(method, lr, train(build_classifier(spec, args.task, seed=0), args.task, lr, budget, seed=0,
+                                     method=method, config=spec.config, quiet=True))
 
 
 if __name__ == "__main__":

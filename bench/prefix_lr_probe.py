@@ -9,12 +9,12 @@ The highest last-epoch validation accuracy wins. A probe, not a sweep: one seed,
 ``classification_lr_probe.py`` does for the recipes of lesson 10.
 """
 import argparse
-import dataclasses
 
+from classification_lr_probe import probe_budget, report
 from common import pin_threads
 
 from minipeft import Encoder, add_adapter, train_adapter
-from minipeft.lab.train import Budget, SequenceClassifier, seed_everything, train
+from minipeft.lab.train import SequenceClassifier, seed_everything, train
 from minipeft.methods.prefix import PrefixConfig
 
 LENGTH, HIDDEN = 30, 512  # lesson 05's prefix
@@ -35,14 +35,12 @@ def main():
     p.add_argument("--max-train", type=int, default=1000)
     args = p.parse_args()
     pin_threads(2)
-    budget = dataclasses.replace(Budget.lesson(), max_train=args.max_train, max_test=1)
+    budget = probe_budget(args.max_train)
     print(f"task sentiment, seed 0, budget {budget}", flush=True)
     for variant, rates in (("reparameterised", args.reparameterised), ("flat", args.flat)):
         for lr in map(float, rates.split(",")):
-            r = train(prefix_classifier(variant == "reparameterised"), "sentiment", lr, budget, seed=0,
-                      method=f"prefix {variant}", quiet=True)
-            print(f"{variant} lr {lr:g}: validation acc {r.val_acc[-1]:.3f} (per epoch {r.val_acc}); "
-                  f"last training losses {[round(x, 2) for x in r.losses[-4:]]}", flush=True)
+            report(variant, lr, train(prefix_classifier(variant == "reparameterised"), "sentiment", lr, budget,
+                                      seed=0, method=f"prefix {variant}", quiet=True))
 
 
 if __name__ == "__main__":
