@@ -2,7 +2,6 @@
 
     cd bench && ../.venv/bin/python costs.py [--repeats 10] [--out ../results/costs.json]
     cd bench && ../.venv/bin/python costs.py --check ../results/costs.json     # rerun, compare the ratios
-    cd bench && ../.venv/bin/python costs.py --methods ia3 dora --out ../results/costs.json --add   # add rows
 
 Each method's task model comes from ``compare.build_model`` (the recipe ``compare`` trains). Timed round-robin
 (``common.interleaved_medians``, medians), on one real sentiment batch:
@@ -12,8 +11,6 @@ Each method's task model comes from ``compare.build_model`` (the recipe ``compar
   merged, prefix MLPs dropped; eval mode, no gradients), as a ratio to the pretrained model alone;
 - ``merges``: nothing of the adapter is left after deployment (inference costs exactly the base model's).
 Ratios, not absolute times, are comparable across runs; the file records the machine and its load average.
-``--add`` measures ``--methods`` beside full fine-tuning and the base model again (the references of their ratios,
-measured in the same run) and adds their rows to the record, keeping its other rows; the record lists each addition.
 """
 from __future__ import annotations
 
@@ -90,11 +87,7 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=None)
     ap.add_argument("--out", default=None, help="write the record here (json, and .md next to it)")
     ap.add_argument("--check", default=None, help="a committed costs.json to compare this run's ratios with")
-    ap.add_argument("--add", action="store_true", help="add the rows of --methods to the record at --out (their "
-                    "ratios to full fine-tuning and the base model measured in this run) instead of replacing it")
     args = ap.parse_args(argv)
-    if args.add and not (args.out and args.methods and Path(args.out).is_file()):
-        ap.error("--add needs --methods and --out naming an existing costs record")
     pin_threads(args.threads)
     try:  # the files, before minutes of measuring
         if args.out:
@@ -108,32 +101,20 @@ def main(argv=None):
     started = machine()
     rows = measure(methods, args.seq, args.repeats)
     ended = machine()
-    command = "cd bench && ../.venv/bin/python costs.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    measured_on = {**ended, "load_average": {"start": started["load_average"], "end": ended["load_average"]}}
-    if args.add:
-        record = read_json(args.out)
-        added = {m: rows[m] for m in args.methods}
-        merged = {**record["methods"], **added}
-        record["methods"] = {m: merged[m] for m in in_lesson_order() + sorted(set(merged) - set(in_lesson_order()))
-                             if m in merged}
-        record.setdefault("added", []).append({"command": command, "methods": list(added), "repeats": args.repeats,
-                                               "full_step_s": rows["full"]["step_s"], "machine": measured_on})
-    else:
-        record = {"command": command, "shape": {"batch": 32, "tokens": args.seq, "inference batches": list(SHAPES.values())},
-                  "repeats": args.repeats, "machine": measured_on, "versions": {"torch": torch.__version__},
-                  "methods": rows}
+    record = {"command": "cd bench && ../.venv/bin/python costs.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "shape": {"batch": 32, "tokens": args.seq, "inference batches": list(SHAPES.values())},
+              "repeats": args.repeats, "machine": {**ended, "load_average": {
+                  "start": started["load_average"], "end": ended["load_average"]}},
+              "versions": {"torch": torch.__version__}, "methods": rows}
     print(markdown(record))
-    print(f"load average (1, 5, 15 min): start {started['load_average']}, end {ended['load_average']}")
+    print(f"load average (1, 5, 15 min): start {started['load_average']}, end {record['machine']['load_average']['end']}")
     if args.out:
         out = Path(args.out)
         write_json(out, record)
         write_atomic(out.with_suffix(".md"),
             f"# Costs, measured side by side\n\n{markdown(record)}\nCommand: `{record['command']}`; training step on "
-            f"32 x {record['shape']['tokens']} tokens, median of {record['repeats']} round-robin repeats; inference median of "
-            f"{3 * record['repeats']}. Machine: {record['machine']}\n"
-            + "".join(f"\nAdded by `{a['command']}` (rows {', '.join(a['methods'])}: their ratios are to full fine-tuning "
-                      f"and the base model measured in that run). Machine: {a['machine']}\n"
-                      for a in record.get("added", [])))
+            f"32 x {args.seq} tokens, median of {args.repeats} round-robin repeats; inference median of "
+            f"{3 * args.repeats}. Machine: {record['machine']}\n")
     if args.check:
         check(committed, record)
     return record
