@@ -38,7 +38,7 @@ def main():
     budget = probe_budget(args.max_train)
     print(f"task sentiment, seed 0, budget {budget}", flush=True)
     for variant, rates in (("reparameterised", args.reparameterised), ("flat", args.flat)):
-        for lr in map(float, rates.split(",")):
+        for lr in map(float, filter(None, rates.split(","))):  # an empty list skips the variant
             report(variant, lr, train(prefix_classifier(variant == "reparameterised"), "sentiment", lr, budget,
                                       seed=0, method=f"prefix {variant}", quiet=True))
 
