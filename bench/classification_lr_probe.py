@@ -18,15 +18,23 @@ from minipeft.lab.kinds.classification import build_classifier
 from minipeft.lab.train import Budget, train
 
 
-def probe_budget(max_train: int) -> Budget:
-    """The lesson's budget cut to ``max_train`` training examples; the test split is not read (one example)."""
-    return dataclasses.replace(Budget.lesson(), max_train=max_train, max_test=1)
+def probe(task: str, runs, max_train: int = 1000) -> None:
+    """Train each of ``runs`` — (name, lr, make: () -> (model, config)) — on ``task`` with the lesson's budget cut
+    to ``max_train`` examples (the test split is not read), and print its validation accuracy per epoch (the last
+    epoch's is the choice) and its last training losses."""
+    pin_threads(2)
+    budget = dataclasses.replace(Budget.lesson(), max_train=max_train, max_test=1)
+    print(f"task {task}, seed 0, budget {budget}", flush=True)
+    for name, lr, make in runs:
+        model, config = make()
+        r = train(model, task, lr, budget, seed=0, method=name, config=config, quiet=True)
+        print(f"{name} lr {lr:g}: validation acc {r.val_acc[-1]:.3f} (per epoch {r.val_acc}); "
+              f"last training losses {[round(x, 2) for x in r.losses[-4:]]}", flush=True)
 
 
-def report(name: str, lr: float, r) -> None:
-    """One line per probe run: the last-epoch validation accuracy (the choice), per epoch, the last losses."""
-    print(f"{name} lr {lr:g}: validation acc {r.val_acc[-1]:.3f} (per epoch {r.val_acc}); "
-          f"last training losses {[round(x, 2) for x in r.losses[-4:]]}", flush=True)
+def rates(text: str) -> list[float]:
+    """"1e-3,3e-3" -> [0.001, 0.003]; an empty string -> []."""
+    return [float(x) for x in text.split(",") if x]
 
 
 def main():
@@ -35,14 +43,9 @@ def main():
     p.add_argument("rates", nargs="+", help="method=lr1,lr2,...")
     p.add_argument("--max-train", type=int, default=1000)
     args = p.parse_args()
-    pin_threads(2)
-    budget = probe_budget(args.max_train)
-    print(f"task {args.task}, seed 0, budget {budget}", flush=True)
-    for method, rates in (arg.split("=") for arg in args.rates):
-        spec = get_recipe(method)
-        for lr in map(float, rates.split(",")):
-            report(method, lr, train(build_classifier(spec, args.task, seed=0), args.task, lr, budget, seed=0,
-                                     method=method, config=spec.config, quiet=True))
+    specs = {method: (get_recipe(method), rates(lrs)) for method, lrs in (a.split("=") for a in args.rates)}
+    probe(args.task, [(method, lr, lambda spec=spec: (build_classifier(spec, args.task, seed=0), spec.config))
+                      for method, (spec, lrs) in specs.items() for lr in lrs], args.max_train)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ The highest last-epoch validation accuracy wins. A probe, not a sweep: one seed,
 """
 import argparse
 
-from classification_lr_probe import probe_budget, report
-from common import pin_threads
+from classification_lr_probe import probe, rates
 
 from minipeft import Encoder, add_adapter, train_adapter
-from minipeft.lab.train import SequenceClassifier, seed_everything, train
+from minipeft.lab.train import SequenceClassifier, seed_everything
 from minipeft.methods.prefix import PrefixConfig
 
 LENGTH, HIDDEN = 30, 512  # lesson 05's prefix
@@ -30,17 +29,13 @@ def prefix_classifier(reparameterize: bool, seed: int = 0) -> SequenceClassifier
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reparameterised", default="3e-4,1e-3,3e-3", help="learning rates, comma-separated")
-    p.add_argument("--flat", default="3e-3,1e-2,3e-2", help="learning rates, comma-separated")
+    p.add_argument("--reparameterised", default="3e-4,1e-3,3e-3", help="learning rates, comma-separated ('' skips)")
+    p.add_argument("--flat", default="3e-3,1e-2,3e-2", help="learning rates, comma-separated ('' skips)")
     p.add_argument("--max-train", type=int, default=1000)
     args = p.parse_args()
-    pin_threads(2)
-    budget = probe_budget(args.max_train)
-    print(f"task sentiment, seed 0, budget {budget}", flush=True)
-    for variant, rates in (("reparameterised", args.reparameterised), ("flat", args.flat)):
-        for lr in map(float, filter(None, rates.split(","))):  # an empty list skips the variant
-            report(variant, lr, train(prefix_classifier(variant == "reparameterised"), "sentiment", lr, budget,
-                                      seed=0, method=f"prefix {variant}", quiet=True))
+    probe("sentiment", [(variant, lr, lambda re=variant == "reparameterised": (prefix_classifier(re), {}))
+                        for variant in ("reparameterised", "flat") for lr in rates(getattr(args, variant))],
+          args.max_train)
 
 
 if __name__ == "__main__":
