@@ -23,7 +23,7 @@ from typing import Callable, ClassVar
 
 from torch import nn
 
-from .backbones.contract import ROLES, Backbone, add_deltas, find_backbone  # noqa: F401  (ROLES, Backbone, find_backbone: re-exported for methods)
+from .backbones.contract import ROLES, Backbone, add_deltas, find_backbone  # noqa: F401  (re-exports but add_deltas)
 
 
 class AdapterModule(nn.Module):
